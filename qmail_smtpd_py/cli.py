@@ -1,0 +1,50 @@
+"""Command line entry point.
+
+The per-connection path (no arguments, as tcpserver runs it) goes straight
+to the driver: click is imported only when options or subcommands are used,
+because every import costs every connection.
+"""
+
+import os
+import sys
+
+
+def main(argv=None):
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or not args[0].startswith("-"):
+        from .server import main as serve_connection
+        code = serve_connection(args)
+        os._exit(code)  # nothing is buffered: all output went through os.write
+    return _click_main(args)
+
+
+def _click_main(args):
+    import click
+
+    from . import __version__
+
+    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    @click.option("--qmail-home", envvar="QMAILHOME", default="/var/qmail", show_default=True,
+                  type=click.Path(file_okay=False), help="qmail home: control/ is read from here.")
+    @click.version_option(__version__, prog_name="qmail-smtpd-py")
+    @click.argument("checkpassword", nargs=-1, type=click.UNPROCESSED)
+    def command(qmail_home, checkpassword):
+        """SMTP on fd 0/1 for one connection, as qmail-smtpd: run it under
+        tcpserver.  Replies, the Received line and the envelope are notqmail's.
+
+        \b
+        Environment (set by tcpserver, tcprules or envdir):
+          TCPREMOTEIP TCPREMOTEHOST TCPREMOTEINFO TCPLOCALIP TCPLOCALHOST
+          RELAYCLIENT  relaying allowed; its value is appended to recipients
+          DATABYTES    overrides control/databytes
+          QMAILQUEUE   queue program (default bin/qmail-queue in the qmail home)
+          QMAILHOME    qmail home (default /var/qmail)
+          SMTPMAXLINE  longest command line accepted (default 65536 bytes)
+        \b
+        Control files: me smtpgreeting localiphost rcpthosts morercpthosts.cdb
+        badmailfrom databytes timeoutsmtpd.
+        """
+        from .server import main as serve_connection
+        sys.exit(serve_connection(checkpassword, os.fsencode(qmail_home)))
+
+    return command.main(args, prog_name="qmail-smtpd-py")

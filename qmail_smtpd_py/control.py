@@ -1,0 +1,153 @@
+"""Control files and environment -> one configuration object.
+
+Read once per connection, before the greeting, relative to the qmail home
+(the process has already chdir'ed there).  The readers follow qmail's
+control.c: a "line" is the first line with trailing LF/space/TAB removed
+(CR is kept), a "list" drops empty lines and lines starting with '#', an
+"int" is the leading decimal digits of the line.
+"""
+
+import os
+
+from .cdb import Cdb, CdbError
+
+
+DEFAULT_MAX_LINE = 1 << 16
+
+
+class ControlError(Exception):
+    """A control file exists but cannot be read: 421 unable to read controls."""
+
+
+def read_file(name):
+    """The whole file as bytes, or None if it does not exist."""
+    try:
+        fd = os.open(name, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ControlError("%s: %s" % (name, e.strerror)) from None
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+    except OSError as e:
+        raise ControlError("%s: %s" % (name, e.strerror)) from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
+
+
+def read_line(name):
+    data = read_file(name)
+    if data is None:
+        return None
+    return data.split(b"\n", 1)[0].rstrip(b" \t")
+
+
+def parse_lines(data):
+    lines = (line.rstrip(b" \t") for line in data.split(b"\n"))
+    return [line for line in lines if line and not line.startswith(b"#")]
+
+
+def read_list(name):
+    data = read_file(name)
+    return None if data is None else parse_lines(data)
+
+
+def leading_number(text):
+    """The value of the leading decimal digits, or None if there are none."""
+    n = 0
+    while n < len(text) and 0x30 <= text[n] <= 0x39:
+        n += 1
+    return int(text[:n]) if n else None
+
+
+def read_int(name, default):
+    line = read_line(name)
+    value = None if line is None else leading_number(line)
+    return default if value is None else value
+
+
+def c_int(value):
+    """What a C int holds after 'int x = (unsigned long) value'."""
+    value &= 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+class Config:
+    """Everything the session needs from control/ and the start-up environment."""
+
+    __slots__ = ("greeting", "localiphost", "timeout", "rcpthosts", "morercpthosts",
+                 "badmailfrom", "databytes", "max_line")
+
+    def __init__(self, greeting, localiphost=None, timeout=1200, rcpthosts=None,
+                 morercpthosts=None, badmailfrom=None, databytes=0, max_line=DEFAULT_MAX_LINE):
+        self.greeting = greeting          # bytes, used verbatim in 220/250/221
+        self.localiphost = localiphost    # bytes or None (feature off)
+        self.timeout = timeout            # seconds for each read and write
+        self.rcpthosts = rcpthosts        # set of lower-cased domains, or None = accept all
+        self.morercpthosts = morercpthosts  # container of domains (cdb) or None
+        self.badmailfrom = badmailfrom    # set of lower-cased entries, or None
+        self.databytes = databytes        # 0 = unlimited
+        self.max_line = max_line          # longest command line accepted
+
+
+class _CheckedCdb:
+    """A Cdb whose read errors become ControlError (421 at RCPT time)."""
+
+    __slots__ = ("cdb",)
+
+    def __init__(self, cdb):
+        self.cdb = cdb
+
+    def __contains__(self, key):
+        try:
+            return key in self.cdb
+        except CdbError as e:
+            raise ControlError("control/morercpthosts.cdb: %s" % e) from None
+
+
+def load(environ):
+    """Read control/* (cwd = qmail home) and the relevant environment."""
+    me = read_line("control/me")
+    greeting = read_line("control/smtpgreeting")
+    if greeting is None:
+        greeting = me
+    if greeting is None:
+        raise ControlError("neither control/smtpgreeting nor control/me exists")
+    localiphost = read_line("control/localiphost")
+    if localiphost is None:
+        localiphost = me
+
+    timeout = c_int(read_int("control/timeoutsmtpd", 1200))
+    if timeout <= 0:
+        timeout = 1
+
+    rcpthosts = read_list("control/rcpthosts")
+    morercpthosts = None
+    if rcpthosts is not None:
+        rcpthosts = {host.lower() for host in rcpthosts}
+        try:
+            cdb = Cdb.open("control/morercpthosts.cdb")
+        except OSError as e:
+            raise ControlError("control/morercpthosts.cdb: %s" % e.strerror) from None
+        if cdb is not None:
+            morercpthosts = _CheckedCdb(cdb)
+
+    badmailfrom = read_list("control/badmailfrom")
+    if badmailfrom is not None:
+        badmailfrom = {entry.lower() for entry in badmailfrom}
+
+    databytes = read_int("control/databytes", 0) & 0xFFFFFFFF
+    env_databytes = environ.get(b"DATABYTES")
+    if env_databytes is not None:
+        databytes = (leading_number(env_databytes) or 0) & 0xFFFFFFFF
+    if databytes == 0xFFFFFFFF:
+        databytes -= 1
+
+    # Not in qmail (its lines are unbounded); SMTPMAXLINE bounds memory use.
+    max_line = leading_number(environ.get(b"SMTPMAXLINE", b"")) or DEFAULT_MAX_LINE
+
+    return Config(greeting, localiphost, timeout, rcpthosts, morercpthosts,
+                  badmailfrom, databytes, max_line)

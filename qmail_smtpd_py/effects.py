@@ -1,0 +1,88 @@
+"""What the session core asks of the outside world.
+
+The core (session.py) is a generator: it yields one of these requests and
+is resumed with the answer.  The driver (server.py) fulfils them with real
+file descriptors, processes and clocks; tests fulfil them with plain data.
+Before answering any request that waits (READ, a queue finish, an exit) the
+driver writes out the replies the session has accumulated in `out`.
+"""
+
+
+class Read:
+    """Wait for client bytes.  Answer: bytes, b"" at EOF, None on timeout."""
+    __slots__ = ()
+
+
+READ = Read()
+
+
+class Now:
+    """Answer: the current Unix time as a float."""
+    __slots__ = ()
+
+
+NOW = Now()
+
+
+class LocalIPs:
+    """Answer: the set of this host's IPv4 addresses as 4-tuples (0.0.0.0
+    included), or None if they cannot be determined."""
+    __slots__ = ()
+
+
+LOCAL_IPS = LocalIPs()
+
+
+class Exit:
+    """Flush the replies and end the process with this status."""
+    __slots__ = ("code",)
+
+    def __init__(self, code):
+        self.code = code
+
+
+class Log:
+    """Write one line to the log (stderr)."""
+    __slots__ = ("text",)
+
+    def __init__(self, text):
+        self.text = text
+
+
+class QueueStart:
+    """Start qmail-queue with this environment.
+
+    Answer: the child's pid; QUEUE_EXEC_FAILED if the program could not be
+    executed (reported later as exit 120); None if no pipe or process could
+    be made (451 qqt failure)."""
+    __slots__ = ("env",)
+
+    def __init__(self, env):
+        self.env = env
+
+
+QUEUE_EXEC_FAILED = 0
+
+
+class QueueWrite:
+    """Write message bytes to qmail-queue.  Answer: False on a write error."""
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+
+class QueueFinish:
+    """Close the message, send the envelope (None: send nothing, so that
+    qmail-queue rejects the message), wait for the child.
+
+    Answer: (status, errtext): the exit code, or QUEUE_CRASHED if the child
+    died from a signal; errtext is what it wrote on fd 6 (notqmail's
+    custom error channel), b"" if nothing."""
+    __slots__ = ("envelope",)
+
+    def __init__(self, envelope):
+        self.envelope = envelope
+
+
+QUEUE_CRASHED = -1

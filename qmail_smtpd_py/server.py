@@ -1,0 +1,198 @@
+"""The driver: runs a Session on fd 0/1 and fulfils its requests.
+
+It owns everything the core may not touch: the file descriptors and their
+timeouts, qmail-queue, the clock, the host's IP addresses, the log.  One
+request at a time, in the order the session yields them.
+"""
+
+import os
+import select
+import sys
+import time
+
+from . import replies
+from .effects import (
+    QUEUE_EXEC_FAILED, Exit, LocalIPs, Log, Now, QueueFinish, QueueStart, QueueWrite, Read,
+)
+
+READ_SIZE = 1 << 16
+
+
+class _Done(Exception):
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+def log(text):
+    """One line on stderr, prefixed with our pid (multilog adds the time)."""
+    try:
+        os.write(2, ("%d %s\n" % (os.getpid(), text)).encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
+class Driver:
+    def __init__(self, session, timeout, infd=0, outfd=1):
+        self.session = session
+        self.timeout_ms = timeout * 1000
+        self.infd = infd
+        self.outfd = outfd
+        self.queue = None
+        self.queue_program = None
+        self._local_ips = None
+        self._in_poll = select.poll()
+        self._in_poll.register(infd, select.POLLIN)
+        self._out_poll = select.poll()
+        self._out_poll.register(outfd, select.POLLOUT)
+        # A client that stops reading must not block us past the timeout.
+        os.set_blocking(outfd, False)
+
+    def run(self):
+        """Play the session to its end; returns the exit status."""
+        handlers = self._HANDLERS
+        steps = self.session.run()
+        answer = None
+        try:
+            while True:
+                request = steps.send(answer)
+                answer = handlers[type(request)](self, request)
+        except _Done as done:
+            return done.code
+        except Exception as e:  # a bug: one log line, a 451, never a traceback
+            log("internal error: %s: %s at %s" % (type(e).__name__, e, _where(e)))
+            self.session.out += replies.INTERNAL
+            try:
+                self.flush()
+            except _Done:
+                pass
+            return 1
+        finally:
+            if self.queue is not None:
+                self.queue.close()  # no envelope: qmail-queue discards the message
+
+    # ------------------------------------------------------------ client I/O
+
+    def flush(self):
+        out = self.session.out
+        if not out:
+            return
+        data = memoryview(bytes(out))
+        del out[:]
+        while data:
+            try:
+                data = data[os.write(self.outfd, data):]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError:
+                raise _Done(1)
+            if not self._out_poll.poll(self.timeout_ms):
+                raise _Done(1)  # write timeout: silent, as in qmail
+
+    def read(self, request):
+        self.flush()
+        while True:
+            if not self._in_poll.poll(self.timeout_ms):
+                return None
+            try:
+                return os.read(self.infd, READ_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return b""
+
+    # ------------------------------------------------------------ requests
+
+    def exit(self, request):
+        self.flush()
+        raise _Done(request.code)
+
+    def now(self, request):
+        return time.time()
+
+    def local_ips(self, request):
+        if self._local_ips is None:
+            from .ipme import local_ipv4_addresses
+            try:
+                self._local_ips = local_ipv4_addresses()
+            except OSError as e:
+                log("unable to figure out my IP addresses: %s" % e)
+                return None
+        return self._local_ips
+
+    def write_log(self, request):
+        log(request.text)
+
+    def queue_start(self, request):
+        from .queue import QueueProcess
+        if self.queue_program is None:  # read at the first DATA, then kept
+            self.queue_program = request.env.get(b"QMAILQUEUE") or b"bin/qmail-queue"
+        try:
+            self.queue = QueueProcess(self.queue_program, request.env)
+        except OSError as e:
+            if e.errno in _CANNOT_START:
+                log("qqt failure: %s" % e)
+                return None
+            log("unable to exec %s: %s" % (_text(self.queue_program), e.strerror))
+            return QUEUE_EXEC_FAILED
+        return self.queue.pid
+
+    def queue_write(self, request):
+        return self.queue is not None and self.queue.write(request.data)
+
+    def queue_finish(self, request):
+        queue, self.queue = self.queue, None
+        if queue is None:
+            return 0, b""  # never started; the session reports exit 120
+        self.flush()
+        return queue.finish(request.envelope)
+
+    _HANDLERS = {
+        Read: read, Exit: exit, Now: now, LocalIPs: local_ips, Log: write_log,
+        QueueStart: queue_start, QueueWrite: queue_write, QueueFinish: queue_finish,
+    }
+
+
+_CANNOT_START = {11, 12, 23, 24}  # EAGAIN, ENOMEM, ENFILE, EMFILE: no process/pipe
+
+
+def _text(raw):
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def _where(exc):
+    tb = exc.__traceback__
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return "%s:%d" % (os.path.basename(tb.tb_frame.f_code.co_filename), tb.tb_lineno)
+
+
+def main(args=(), qmail_home=None):
+    """Serve one SMTP connection on fd 0/1 (the tcpserver way); returns the exit status."""
+    from .control import ControlError, load
+    from .session import Session
+
+    environ = os.environb
+    if qmail_home is None:
+        qmail_home = environ.get(b"QMAILHOME", b"/var/qmail")
+    try:
+        os.chdir(qmail_home)
+        config = load(environ)
+    except (OSError, ControlError) as e:
+        log("fatal: unable to read controls: %s" % e)
+        _write_quietly(1, replies.CONTROLS)
+        return 1
+    session = Session(config, dict(environ))
+    return Driver(session, config.timeout).run()
+
+
+def _write_quietly(fd, data):
+    try:
+        os.write(fd, data)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

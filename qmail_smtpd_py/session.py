@@ -1,0 +1,287 @@
+"""The SMTP session: qmail-smtpd's command loop as a sans-I/O core.
+
+Theory of operation.  `Session.run()` is a generator that plays one SMTP
+connection.  Client bytes come in through `READ` requests into a receive
+buffer the session owns; replies are appended to `self.out`; everything
+else it needs (the clock, the host's IP addresses, qmail-queue, logging,
+exiting) it asks for by yielding a request from effects.py.  The session
+never touches file descriptors, the environment or the clock itself, so
+tests drive it with byte transcripts and fake answers, and the driver in
+server.py stays a thin loop.
+
+Each SMTP verb has one handler method below, named after it; their order
+and their replies follow qmail-smtpd.c (spec §3), so the reader can put
+this file and the C side by side.
+"""
+
+from . import address, replies
+from .control import ControlError
+from .data import BareLF, Blast
+from .effects import (
+    LOCAL_IPS, NOW, QUEUE_CRASHED, QUEUE_EXEC_FAILED, READ, Exit, Log, QueueFinish,
+    QueueStart, QueueWrite,
+)
+from .queue import EXEC_FAILED_STATUS, reply_for, status_text
+from .received import received
+
+MAX_HOPS = 100
+
+
+class _End(Exception):
+    """Leave the command loop and exit with `code`."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+def split_command(line):
+    """(lower-cased verb, argument): split at the first space; further
+    leading spaces of the argument are skipped, trailing ones kept."""
+    verb, _, arg = line.partition(b" ")
+    return verb.lower(), arg.lstrip(b" ")
+
+
+class Session:
+    """One SMTP connection.  `config` is a control.Config, `env` the
+    connection's environment as a dict of bytes (it is what qmail-queue
+    and other children get)."""
+
+    def __init__(self, config, env):
+        self.config = config
+        self.env = env
+        self.out = bytearray()
+        self._buf = bytearray()
+        self._scanned = 0  # _buf[:_scanned] is known to hold no LF
+
+        self.remoteip = env.get(b"TCPREMOTEIP", b"unknown")
+        self.remotehost = env.get(b"TCPREMOTEHOST", b"unknown")
+        self.remoteinfo = env.get(b"TCPREMOTEINFO")
+        self.local = env.get(b"TCPLOCALHOST")
+        if self.local is None:
+            self.local = env.get(b"TCPLOCALIP", b"unknown")
+        self.relayclient = env.get(b"RELAYCLIENT")
+        self.protocol = b"SMTP"
+
+        self.helo = self.remotehost
+        self.fakehelo = None       # the HELO argument when it differs from remotehost
+        self.seenmail = False
+        self.mailfrom = b""
+        self.rcpts = []            # envelope recipients, RELAYCLIENT suffix included
+        self.badmailfrom = False   # the current sender is in badmailfrom
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self):
+        """The session generator; see effects.py for what it yields."""
+        try:
+            self.out += replies.greeting(self.config.greeting)
+            while True:
+                line = yield from self._read_line()
+                verb, arg = split_command(line)
+                handler = self._VERBS.get(verb)
+                if handler is None:
+                    self.out += replies.UNIMPLEMENTED
+                    continue
+                steps = handler(self, arg)
+                if steps is not None:  # the handler needs the outside world
+                    yield from steps
+        except _End as end:
+            code = end.code
+        except ControlError as e:
+            yield Log("fatal: unable to read controls: %s" % e)
+            self.out += replies.CONTROLS
+            code = 1
+        yield Exit(code)
+
+    def _fill(self):
+        data = yield READ
+        if data is None:
+            self.out += replies.TIMEOUT
+            raise _End(1)
+        if not data:
+            raise _End(1)
+        self._buf += data
+
+    def _read_line(self):
+        """The next command line without LF, one CR before it, or anything
+        from the first NUL on.  Over-long lines are skipped with a 500."""
+        buf = self._buf
+        too_long = False
+        while True:
+            lf = buf.find(b"\n", self._scanned)
+            if lf >= 0:
+                if not too_long:
+                    break
+                del buf[:lf + 1]
+                self._scanned = 0
+                too_long = False
+                self.out += replies.LINE_TOO_LONG
+                continue
+            if len(buf) > self.config.max_line:
+                del buf[:]
+                too_long = True
+            self._scanned = len(buf)
+            yield from self._fill()
+        line = bytes(buf[:lf])
+        del buf[:lf + 1]
+        self._scanned = 0
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        nul = line.find(b"\0")
+        return line if nul < 0 else line[:nul]
+
+    # ------------------------------------------------------------ verbs
+
+    def smtp_helo(self, arg):
+        self.out += replies.helo(self.config.greeting)
+        self.seenmail = False
+        self._set_helo(arg)
+
+    def smtp_ehlo(self, arg):
+        self.out += replies.ehlo(self.config.greeting, self.ehlo_extensions())
+        self.seenmail = False
+        self._set_helo(arg)
+
+    def ehlo_extensions(self):
+        return [b"PIPELINING", b"8BITMIME"]
+
+    def _set_helo(self, arg):
+        self.helo = arg
+        self.fakehelo = None if arg.lower() == self.remotehost.lower() else arg
+
+    def smtp_rset(self, arg):
+        self.seenmail = False
+        self.out += replies.FLUSHED
+
+    def smtp_noop(self, arg):
+        self.out += replies.OK
+
+    def smtp_vrfy(self, arg):
+        self.out += replies.VRFY
+
+    def smtp_help(self, arg):
+        self.out += replies.HELP
+
+    def smtp_quit(self, arg):
+        self.out += replies.quit(self.config.greeting)
+        raise _End(0)
+
+    def smtp_mail(self, arg):
+        addr = yield from self._parse_address(arg)
+        if addr is None:
+            self.out += replies.SYNTAX
+            return
+        bmf = self.config.badmailfrom
+        self.badmailfrom = bmf is not None and address.in_badmailfrom(addr, bmf)
+        self.seenmail = True
+        self.mailfrom = addr
+        self.rcpts = []
+        self.out += replies.OK
+
+    def smtp_rcpt(self, arg):
+        if not self.seenmail:
+            self.out += replies.WANT_MAIL
+            return
+        addr = yield from self._parse_address(arg)
+        if addr is None:
+            self.out += replies.SYNTAX
+            return
+        if self.badmailfrom:
+            self.out += replies.BADMAILFROM
+            return
+        if self.relayclient is not None:
+            addr += self.relayclient
+        elif not address.rcpthosts_allows(addr, self.config.rcpthosts,
+                                          self.config.morercpthosts):
+            self.out += replies.NOGATEWAY
+            return
+        self.rcpts.append(addr)
+        self.out += replies.OK
+
+    def _parse_address(self, arg):
+        """addrparse plus the localiphost rewrite; None for a syntax error."""
+        addr = address.parse(arg)
+        if self.config.localiphost is not None:
+            bracketed = address.bracketed_ip(addr)
+            if bracketed is not None:
+                mine = yield LOCAL_IPS
+                if mine is None:
+                    self.out += replies.IPME
+                    raise _End(1)
+                if bracketed[1] in mine:
+                    addr = bracketed[0] + self.config.localiphost
+        return None if len(addr) >= address.MAX_ADDRESS else addr
+
+    def smtp_data(self, arg):
+        if not self.seenmail:
+            self.out += replies.WANT_MAIL
+            return
+        if not self.rcpts:
+            self.out += replies.WANT_RCPT
+            return
+        self.seenmail = False
+        qp = yield QueueStart(self.env)
+        if qp is None:
+            self.out += replies.QQT_FAILURE
+            return
+        self.out += replies.GO_AHEAD
+        when = yield NOW
+        blast = Blast(self.config.databytes)
+        writing = qp != QUEUE_EXEC_FAILED
+        pending = received(self.protocol, self.local, self.remoteip, self.remotehost,
+                           self.remoteinfo, self.fakehelo, when)
+        while True:
+            try:
+                chunk, consumed, done = blast.feed(self._buf)
+            except BareLF:
+                self.out += replies.BARE_LF
+                raise _End(1)
+            del self._buf[:consumed]
+            if writing and (pending or chunk):
+                writing = yield QueueWrite(pending + chunk if pending else chunk)
+                pending = b""
+            if done:
+                break
+            yield from self._fill()
+        self._scanned = 0
+
+        looping = blast.hops >= MAX_HOPS
+        failed = not writing or blast.exceeded or looping
+        envelope = None if failed else self.envelope()
+        status, errtext = yield QueueFinish(envelope)
+        if qp == QUEUE_EXEC_FAILED:
+            status = EXEC_FAILED_STATUS
+        text = status_text(status, failed, errtext)
+        if not text:
+            when = yield NOW
+            self.out += replies.accepted(int(when), qp)
+            yield Log("accepted message qp %d bytes %d from <%s> rcpts %d" % (
+                qp, blast.size, _show(self.mailfrom), len(self.rcpts)))
+            return
+        if looping:
+            reply = replies.LOOPING
+        elif self.config.databytes and blast.exceeded:
+            reply = replies.TOO_BIG
+        else:
+            reply = reply_for(text)
+        self.out += reply
+        yield Log("message not queued: %s" % _show(reply.rstrip()))
+
+    def envelope(self):
+        parts = [b"F", self.mailfrom, b"\0"]
+        for rcpt in self.rcpts:
+            parts += [b"T", rcpt, b"\0"]
+        parts.append(b"\0")
+        return b"".join(parts)
+
+    _VERBS = {
+        b"helo": smtp_helo, b"ehlo": smtp_ehlo, b"rset": smtp_rset, b"noop": smtp_noop,
+        b"vrfy": smtp_vrfy, b"help": smtp_help, b"quit": smtp_quit, b"mail": smtp_mail,
+        b"rcpt": smtp_rcpt, b"data": smtp_data,
+    }
+
+
+def _show(raw):
+    """Bytes for a log line: printable, one line."""
+    return raw.decode("ascii", "backslashreplace").replace("\n", "\\n").replace("\r", "\\r")
