@@ -110,17 +110,17 @@ class Session:
         too_long = False
         while True:
             lf = buf.find(b"\n", self._scanned)
-            if lf >= 0:
-                if not too_long:
-                    break
+            if lf < 0 and len(buf) > self.config.max_line:
+                del buf[:]  # skip the rest of the line without keeping it
+                too_long = True
+            elif lf >= 0 and (too_long or lf > self.config.max_line):
                 del buf[:lf + 1]
                 self._scanned = 0
                 too_long = False
                 self.out += replies.LINE_TOO_LONG
                 continue
-            if len(buf) > self.config.max_line:
-                del buf[:]
-                too_long = True
+            elif lf >= 0:
+                break
             self._scanned = len(buf)
             yield from self._fill()
         line = bytes(buf[:lf])
