@@ -10,6 +10,7 @@ control.c: a "line" is the first line with trailing LF/space/TAB removed
 import os
 
 from .cdb import Cdb, CdbError
+from .spp import parse_config
 
 
 DEFAULT_MAX_LINE = 1 << 16
@@ -26,13 +27,13 @@ def read_file(name):
     except FileNotFoundError:
         return None
     except OSError as e:
-        raise ControlError("%s: %s" % (name, e.strerror)) from None
+        raise ControlError("%s: %s" % (os.fsdecode(name), e.strerror)) from None
     try:
         chunks = []
         while chunk := os.read(fd, 65536):
             chunks.append(chunk)
     except OSError as e:
-        raise ControlError("%s: %s" % (name, e.strerror)) from None
+        raise ControlError("%s: %s" % (os.fsdecode(name), e.strerror)) from None
     finally:
         os.close(fd)
     return b"".join(chunks)
@@ -79,10 +80,11 @@ class Config:
     """Everything the session needs from control/ and the start-up environment."""
 
     __slots__ = ("greeting", "localiphost", "timeout", "rcpthosts", "morercpthosts",
-                 "badmailfrom", "databytes", "max_line")
+                 "badmailfrom", "databytes", "max_line", "plugins")
 
     def __init__(self, greeting, localiphost=None, timeout=1200, rcpthosts=None,
-                 morercpthosts=None, badmailfrom=None, databytes=0, max_line=DEFAULT_MAX_LINE):
+                 morercpthosts=None, badmailfrom=None, databytes=0, max_line=DEFAULT_MAX_LINE,
+                 plugins=None):
         self.greeting = greeting          # bytes, used verbatim in 220/250/221
         self.localiphost = localiphost    # bytes or None (feature off)
         self.timeout = timeout            # seconds for each read and write
@@ -91,6 +93,7 @@ class Config:
         self.badmailfrom = badmailfrom    # set of lower-cased entries, or None
         self.databytes = databytes        # 0 = unlimited
         self.max_line = max_line          # longest command line accepted
+        self.plugins = plugins            # qmail-spp entries per section letter; None = off
 
 
 class _CheckedCdb:
@@ -135,6 +138,16 @@ def load(environ):
         if cdb is not None:
             morercpthosts = _CheckedCdb(cdb)
 
+    plugins = None
+    if b"NOSPP" not in environ:
+        # qmail-spp fails closed: a deleted file must not switch spam checks off.
+        conffile = environ.get(b"SPPCONFFILE") or b"control/smtpplugins"
+        lines = read_list(conffile)
+        if lines is None:
+            raise ControlError("%s does not exist (create it, empty is fine, or set NOSPP)"
+                               % os.fsdecode(conffile))
+        plugins = parse_config(lines)
+
     badmailfrom = read_list("control/badmailfrom")
     if badmailfrom is not None:
         badmailfrom = {entry.lower() for entry in badmailfrom}
@@ -150,4 +163,4 @@ def load(environ):
     max_line = leading_number(environ.get(b"SMTPMAXLINE", b"")) or DEFAULT_MAX_LINE
 
     return Config(greeting, localiphost, timeout, rcpthosts, morercpthosts,
-                  badmailfrom, databytes, max_line)
+                  badmailfrom, databytes, max_line, plugins)

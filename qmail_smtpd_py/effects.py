@@ -86,3 +86,30 @@ class QueueFinish:
 
 
 QUEUE_CRASHED = -1
+
+
+class PluginStart:
+    """Start a qmail-spp plugin (an entry of control/smtpplugins) with this
+    environment.  Answer: None, or the failure reason (b"can't execute",
+    b"can't pipe()", b"fork() failed")."""
+    __slots__ = ("entry", "env")
+
+    def __init__(self, entry, env):
+        self.entry = entry
+        self.env = env
+
+
+class PluginRead:
+    """Answer: the next output lines of the running plugin (each with its LF,
+    an unterminated last one without), or None at EOF."""
+    __slots__ = ()
+
+
+class PluginFinish:
+    """Stop reading and wait for the plugin.  Answer: its exit code, or
+    PLUGIN_CRASHED if it died from a signal or was killed for overrunning
+    its time limit."""
+    __slots__ = ()
+
+
+PLUGIN_CRASHED = -1

@@ -12,7 +12,8 @@ import time
 
 from . import replies
 from .effects import (
-    QUEUE_EXEC_FAILED, Exit, LocalIPs, Log, Now, QueueFinish, QueueStart, QueueWrite, Read,
+    QUEUE_EXEC_FAILED, Exit, LocalIPs, Log, Now, PluginFinish, PluginRead,
+    PluginStart, QueueFinish, QueueStart, QueueWrite, Read,
 )
 
 READ_SIZE = 1 << 16
@@ -33,8 +34,10 @@ def log(text):
 
 
 class Driver:
-    def __init__(self, session, timeout, infd=0, outfd=1):
+    def __init__(self, session, timeout, infd=0, outfd=1, plugin_time_limit=None):
         self.session = session
+        self.plugin = None
+        self.plugin_time_limit = plugin_time_limit
         self.timeout_ms = timeout * 1000
         self.infd = infd
         self.outfd = outfd
@@ -70,6 +73,8 @@ class Driver:
         finally:
             if self.queue is not None:
                 self.queue.close()  # no envelope: qmail-queue discards the message
+            if self.plugin is not None:
+                self.plugin.finish()
 
     # ------------------------------------------------------------ client I/O
 
@@ -148,9 +153,34 @@ class Driver:
         self.flush()
         return queue.finish(request.envelope)
 
+    def plugin_start(self, request):
+        from .plugin_process import PluginProcess
+        try:
+            self.plugin = PluginProcess(request.entry, request.env, self.plugin_time_limit)
+        except OSError as e:
+            if e.errno in _CANNOT_START:
+                log("qmail-spp: %s: %s" % (_text(request.entry), e.strerror))
+                return b"can't pipe()" if e.errno in (23, 24) else b"fork() failed"
+            return b"can't execute"
+        except ValueError:  # a NUL byte in the path or the environment
+            return b"can't execute"
+        return None
+
+    def plugin_read(self, request):
+        return self.plugin.read_lines()
+
+    def plugin_finish(self, request):
+        plugin, self.plugin = self.plugin, None
+        status = plugin.finish()
+        if plugin.killed:
+            log("qmail-spp: pid %d killed after its time limit of %gs"
+                % (plugin.pid, self.plugin_time_limit))
+        return status
+
     _HANDLERS = {
         Read: read, Exit: exit, Now: now, LocalIPs: local_ips, Log: write_log,
         QueueStart: queue_start, QueueWrite: queue_write, QueueFinish: queue_finish,
+        PluginStart: plugin_start, PluginRead: plugin_read, PluginFinish: plugin_finish,
     }
 
 
@@ -184,7 +214,14 @@ def main(args=(), qmail_home=None):
         _write_quietly(1, replies.CONTROLS)
         return 1
     session = Session(config, dict(environ))
-    return Driver(session, config.timeout).run()
+    return Driver(session, config.timeout, plugin_time_limit=_time_limit(environ)).run()
+
+
+def _time_limit(environ):
+    """SPPTIMEOUT: seconds a qmail-spp plugin may run (unset or 0: no limit)."""
+    from .control import leading_number
+    seconds = leading_number(environ.get(b"SPPTIMEOUT", b""))
+    return seconds or None
 
 
 def _write_quietly(fd, data):

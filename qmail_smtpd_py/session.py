@@ -23,6 +23,7 @@ from .effects import (
 )
 from .queue import EXEC_FAILED_STATUS, reply_for, status_text
 from .received import received
+from .spp import NORMAL, REJECT, Disconnect, Plugins
 
 MAX_HOPS = 100
 
@@ -69,13 +70,16 @@ class Session:
         self.mailfrom = b""
         self.rcpts = []            # envelope recipients, RELAYCLIENT suffix included
         self.badmailfrom = False   # the current sender is in badmailfrom
+        self.spp = Plugins(config.plugins)
 
     # ------------------------------------------------------------ the loop
 
     def run(self):
         """The session generator; see effects.py for what it yields."""
         try:
-            self.out += replies.greeting(self.config.greeting)
+            result, _ = yield from self.spp.hook(b"c", self.env, self.out)
+            if result != REJECT:
+                self.out += replies.greeting(self.config.greeting)
             while True:
                 line = yield from self._read_line()
                 verb, arg = split_command(line)
@@ -88,6 +92,8 @@ class Session:
                     yield from steps
         except _End as end:
             code = end.code
+        except Disconnect:
+            code = 0
         except ControlError as e:
             yield Log("fatal: unable to read controls: %s" % e)
             self.out += replies.CONTROLS
@@ -134,14 +140,21 @@ class Session:
     # ------------------------------------------------------------ verbs
 
     def smtp_helo(self, arg):
-        self.out += replies.helo(self.config.greeting)
-        self.seenmail = False
-        self._set_helo(arg)
+        if (yield from self._helo_plugins(arg)):
+            self.out += replies.helo(self.config.greeting)
+            self.seenmail = False
+            self._set_helo(arg)
 
     def smtp_ehlo(self, arg):
-        self.out += replies.ehlo(self.config.greeting, self.ehlo_extensions())
-        self.seenmail = False
-        self._set_helo(arg)
+        if (yield from self._helo_plugins(arg)):
+            self.out += replies.ehlo(self.config.greeting, self.ehlo_extensions())
+            self.seenmail = False
+            self._set_helo(arg)
+
+    def _helo_plugins(self, arg):
+        self.env[b"SMTPHELOHOST"] = arg
+        result, _ = yield from self.spp.hook(b"h", self.env, self.out)
+        return result != REJECT
 
     def ehlo_extensions(self):
         return [b"PIPELINING", b"8BITMIME"]
@@ -152,6 +165,7 @@ class Session:
 
     def smtp_rset(self, arg):
         self.seenmail = False
+        self.spp.reset()
         self.out += replies.FLUSHED
 
     def smtp_noop(self, arg):
@@ -172,8 +186,17 @@ class Session:
         if addr is None:
             self.out += replies.SYNTAX
             return
+        if self.spp.pending_error(b"M", self.out):
+            return
+        self.spp.rcptcount = self.spp.rcptcountall = 0
+        result, addr = yield from self.spp.hook(b"m", self.env, self.out, b"SMTPMAILFROM", addr)
+        if result == REJECT:
+            return
+        # After O the check is skipped; qmail-spp kept the previous sender's
+        # flag then, which DECISIONS.md fixes.
         bmf = self.config.badmailfrom
-        self.badmailfrom = bmf is not None and address.in_badmailfrom(addr, bmf)
+        self.badmailfrom = (result == NORMAL and bmf is not None
+                            and address.in_badmailfrom(addr, bmf))
         self.seenmail = True
         self.mailfrom = addr
         self.rcpts = []
@@ -190,12 +213,24 @@ class Session:
         if self.badmailfrom:
             self.out += replies.BADMAILFROM
             return
+        allowed = self.relayclient is not None or address.rcpthosts_allows(
+            addr, self.config.rcpthosts, self.config.morercpthosts)
+        spp = self.spp
+        if spp.pending_error(b"R", self.out):
+            return
+        spp.rcptcountall += 1
+        self.env[b"SMTPRCPTCOUNT"] = b"%d" % spp.rcptcount
+        self.env[b"SMTPRCPTCOUNTALL"] = b"%d" % spp.rcptcountall
+        self.env[b"SMTPRCPTHOSTSOK"] = b"1" if allowed else b"0"
+        result, addr = yield from spp.hook(b"r", self.env, self.out, b"SMTPRCPTTO", addr)
+        if result == REJECT:
+            return
         if self.relayclient is not None:
             addr += self.relayclient
-        elif not address.rcpthosts_allows(addr, self.config.rcpthosts,
-                                          self.config.morercpthosts):
+        elif result == NORMAL and not allowed:
             self.out += replies.NOGATEWAY
             return
+        spp.rcptcount += 1
         self.rcpts.append(addr)
         self.out += replies.OK
 
@@ -220,6 +255,11 @@ class Session:
         if not self.rcpts:
             self.out += replies.WANT_RCPT
             return
+        if self.spp.pending_error(b"D", self.out):
+            return
+        result, _ = yield from self.spp.hook(b"d", self.env, self.out)
+        if result == REJECT:
+            return
         self.seenmail = False
         qp = yield QueueStart(self.env)
         if qp is None:
@@ -230,7 +270,8 @@ class Session:
         blast = Blast(self.config.databytes)
         writing = qp != QUEUE_EXEC_FAILED
         pending = received(self.protocol, self.local, self.remoteip, self.remotehost,
-                           self.remoteinfo, self.fakehelo, when)
+                           self.remoteinfo, self.fakehelo, when) + self.spp.headers
+        self.spp.reset()
         while True:
             try:
                 chunk, consumed, done = blast.feed(self._buf)
