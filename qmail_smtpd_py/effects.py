@@ -113,3 +113,27 @@ class PluginFinish:
 
 
 PLUGIN_CRASHED = -1
+
+
+class RunProgram:
+    """Run a program without arguments (stdin /dev/null, stdout to the log)
+    and wait for it.  Answer: its exit code (111 if it could not be
+    executed), PROGRAM_CRASHED after a signal, PROGRAM_NOT_STARTED if no
+    process could be made."""
+    __slots__ = ("path", "env")
+
+    def __init__(self, path, env):
+        self.path = path
+        self.env = env
+
+
+PROGRAM_CRASHED = -1
+PROGRAM_NOT_STARTED = -2
+
+
+class Sleep:
+    """Flush the replies, then pause this many seconds."""
+    __slots__ = ("seconds",)
+
+    def __init__(self, seconds):
+        self.seconds = seconds

@@ -12,8 +12,9 @@ import time
 
 from . import replies
 from .effects import (
-    QUEUE_EXEC_FAILED, Exit, LocalIPs, Log, Now, PluginFinish, PluginRead,
-    PluginStart, QueueFinish, QueueStart, QueueWrite, Read,
+    PROGRAM_CRASHED, PROGRAM_NOT_STARTED, QUEUE_EXEC_FAILED, Exit, LocalIPs, Log, Now,
+    PluginFinish, PluginRead, PluginStart, QueueFinish, QueueStart, QueueWrite, Read,
+    RunProgram, Sleep,
 )
 
 READ_SIZE = 1 << 16
@@ -177,10 +178,31 @@ class Driver:
                 % (plugin.pid, self.plugin_time_limit))
         return status
 
+    def run_program(self, request):
+        """An SMTPEXTFORK program: stdin /dev/null, stdout into the log (the
+        patch let it write into the SMTP stream), no arguments, wait for it."""
+        try:
+            pid = os.posix_spawn(request.path, [request.path], request.env, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, 2, 1)])
+        except OSError as e:
+            if e.errno in _CANNOT_START:
+                return PROGRAM_NOT_STARTED
+            return 111  # the patch's child exits 111 when exec fails
+        except ValueError:  # NUL in the path or environment
+            return 111
+        _, status = os.waitpid(pid, 0)
+        return PROGRAM_CRASHED if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+    def sleep(self, request):
+        self.flush()
+        time.sleep(request.seconds)
+
     _HANDLERS = {
         Read: read, Exit: exit, Now: now, LocalIPs: local_ips, Log: write_log,
         QueueStart: queue_start, QueueWrite: queue_write, QueueFinish: queue_finish,
         PluginStart: plugin_start, PluginRead: plugin_read, PluginFinish: plugin_finish,
+        RunProgram: run_program, Sleep: sleep,
     }
 
 

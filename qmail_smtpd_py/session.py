@@ -18,9 +18,10 @@ from . import address, replies
 from .control import ControlError
 from .data import BareLF, Blast
 from .effects import (
-    LOCAL_IPS, NOW, QUEUE_CRASHED, QUEUE_EXEC_FAILED, READ, Exit, Log, QueueFinish,
-    QueueStart, QueueWrite,
+    LOCAL_IPS, NOW, QUEUE_EXEC_FAILED, READ, Exit, Log, QueueFinish, QueueStart, QueueWrite,
+    Sleep,
 )
+from .extfork import QUITASAP_PAUSE, ExtFork
 from .queue import EXEC_FAILED_STATUS, reply_for, status_text
 from .received import received
 from .spp import NORMAL, REJECT, Disconnect, Plugins
@@ -71,6 +72,7 @@ class Session:
         self.rcpts = []            # envelope recipients, RELAYCLIENT suffix included
         self.badmailfrom = False   # the current sender is in badmailfrom
         self.spp = Plugins(config.plugins)
+        self.extfork = ExtFork()
 
     # ------------------------------------------------------------ the loop
 
@@ -229,6 +231,14 @@ class Session:
             addr += self.relayclient
         elif result == NORMAL and not allowed:
             self.out += replies.NOGATEWAY
+            return
+        refusal = yield from self.extfork.check(
+            self.env, self.relayclient is not None, self.mailfrom, self.helo, addr)
+        if refusal is not None:
+            self.out += refusal
+            if b"XF_QUITASAP" in self.env:
+                yield Sleep(QUITASAP_PAUSE)
+                raise _End(1)
             return
         spp.rcptcount += 1
         self.rcpts.append(addr)
