@@ -1,0 +1,87 @@
+# qmail-smtpd-py: make run | make test | make bench | make clean
+#
+# Everything runs from a local virtualenv (.venv) with the package installed
+# non-editable, so the tests exercise exactly what `pip install .` ships.
+
+PYTHON ?= python3
+VENV ?= .venv
+SHARED ?= ../shared
+CONFORMANCE_AREAS ?= core
+CONFORMANCE_JOBS ?= 2
+HOST ?= 127.0.0.1
+PORT ?= 2525
+RUNDIR ?= run
+
+STAMP := $(VENV)/.installed
+SOURCES := setup.cfg pyproject.toml $(wildcard qmail_smtpd_py/*.py qmail_smtpd_py/*/*.py) $(wildcard bin/*)
+BIN := $(CURDIR)/$(VENV)/bin
+
+.PHONY: all venv .venv run tcpserver test pytest conformance bench clean
+
+all: test
+
+venv .venv: $(STAMP)
+
+# (Re)install whenever the package sources change (pip always reinstalls a local
+# directory). build/ is removed first: setuptools would otherwise ship modules that
+# were deleted from the source tree.
+$(STAMP): $(SOURCES)
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV) || { \
+	  rm -rf $(VENV); \
+	  echo "make: '$(PYTHON) -m venv' failed; on Debian: apt-get install python3-venv" >&2; \
+	  exit 1; }
+	rm -rf build
+	$(VENV)/bin/python -m pip install --quiet '.[test]'
+	rm -rf build
+	@touch $@
+
+# tcpserver comes from Debian's ucspi-tcp; install it when missing and we are root.
+tcpserver:
+	@command -v tcpserver >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y ucspi-tcp; \
+	  else \
+	    echo "make: tcpserver not found: install ucspi-tcp (apt-get install ucspi-tcp)" >&2; \
+	    exit 1; \
+	  fi; }
+
+# Serve SMTP on $(HOST):$(PORT); mail lands in $(RUNDIR)/Maildir/new. Try:
+#   swaks --server 127.0.0.1:2525 --to user@localhost
+run: $(STAMP) tcpserver
+	mkdir -p $(RUNDIR)/Maildir
+	ln -sfn ../control $(RUNDIR)/control
+	@echo "qmail-smtpd-py on $(HOST):$(PORT), qmail home $(CURDIR)/$(RUNDIR), mail into $(CURDIR)/$(RUNDIR)/Maildir/new"
+	cd $(RUNDIR) && exec env \
+	  QMAILHOME=$(CURDIR)/$(RUNDIR) \
+	  QMAILQUEUE=$(BIN)/qmail-queue-maildir \
+	  MAILDIR=$(CURDIR)/$(RUNDIR)/Maildir \
+	  tcpserver -v -R -H -l localhost -c 20 $(HOST) $(PORT) $(BIN)/qmail-smtpd-py
+
+# Both suites always run; make test fails if either does.
+test: $(STAMP)
+	@status=0; \
+	$(VENV)/bin/python -m pytest -q t || status=1; \
+	for area in $(CONFORMANCE_AREAS); do \
+	  echo "conformance: $$area"; \
+	  $(PYTHON) $(SHARED)/conformance/run -j $(CONFORMANCE_JOBS) -k $$area/ -- $(BIN)/qmail-smtpd-py || status=1; \
+	done; \
+	exit $$status
+
+pytest: $(STAMP)
+	$(VENV)/bin/python -m pytest -q t
+
+conformance: $(STAMP)
+	@status=0; for area in $(CONFORMANCE_AREAS); do \
+	  echo "conformance: $$area"; \
+	  $(PYTHON) $(SHARED)/conformance/run -j $(CONFORMANCE_JOBS) -k $$area/ -- $(BIN)/qmail-smtpd-py || status=1; \
+	done; exit $$status
+
+bench: $(STAMP)
+	@set -e; for script in bench/[!_]*.py; do \
+	  echo "== $$script"; \
+	  $(VENV)/bin/python $$script; \
+	done
+
+clean:
+	rm -rf $(VENV) build *.egg-info $(RUNDIR) .pytest_cache .hypothesis
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

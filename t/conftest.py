@@ -1,0 +1,42 @@
+"""pytest fixtures shared by every test module; the machinery lives in helpers.py."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import helpers  # noqa: E402
+
+
+@pytest.fixture
+def make_home(tmp_path):
+    """Factory: make_home(control={...}, defaults=True, queue_exit=0, queue_errtext=None,
+    queue_signal=None) -> helpers.Home under this test's tmp_path."""
+    count = 0
+
+    def make(**kw):
+        nonlocal count
+        count += 1
+        return helpers.Home(str(tmp_path / ("qmail%d" % count)), **kw)
+
+    return make
+
+
+@pytest.fixture
+def home(make_home):
+    """The default qmail home: me=mx.example.org, rcpthosts example.com and
+    .sub.example.net, an empty smtpplugins, a fake queue exiting 0."""
+    return make_home()
+
+
+@pytest.fixture
+def smtp(home):
+    """smtp(input, env=None, **kw): run_smtp against the default home."""
+
+    def run(input_bytes, env=None, **kw):
+        return helpers.run_smtp(input_bytes, env=env, home=home, **kw)
+
+    return run
+

@@ -1,0 +1,413 @@
+"""Shared test helpers: a throw-away qmail home, a recording fake qmail-queue, and
+run_smtp(), which runs the *installed* qmail-smtpd-py over pipes.
+
+Theory of operation: every black-box test builds a qmail home (control/ files from a
+dict, plus the empty control/smtpplugins that qmail-spp insists on), points QMAILQUEUE
+at a fake qmail-queue that records what it was given, feeds the server a byte
+transcript on stdin and compares the bytes it wrote on stdout.
+
+The fake queue behaves like the real one where it matters: it reads the message (fd 0)
+to EOF, then the envelope (fd 1), and an incomplete envelope (no F, no NUL after the
+sender, no final NUL) makes it exit 54 without counting the message as queued. Otherwise
+it exits with the status it was built with, after optionally writing notqmail's custom
+error text to fd 6, or kills itself with a signal.
+"""
+
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pytest
+
+BIN_DIR = os.path.dirname(sys.executable)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The installed console script, from the same venv that runs the tests (make test
+# installs the package non-editable into .venv). QMAIL_SMTPD_PY_SERVER overrides it.
+SERVER = os.environ.get("QMAIL_SMTPD_PY_SERVER") or os.path.join(BIN_DIR, "qmail-smtpd-py")
+QUEUE_MAILDIR = os.path.join(BIN_DIR, "qmail-queue-maildir")
+if not os.path.exists(QUEUE_MAILDIR):
+    QUEUE_MAILDIR = os.path.join(REPO, "bin", "qmail-queue-maildir")
+
+BASE_ENV = {
+    "PATH": "/usr/local/bin:/usr/bin:/bin",
+    "TCPREMOTEIP": "127.0.0.1",
+    "TCPLOCALIP": "127.0.0.1",
+    "TCPLOCALHOST": "mx.test",
+}
+
+DEFAULT_CONTROL = {
+    "me": "mx.example.org\n",
+    "rcpthosts": "example.com\n.sub.example.net\n",
+    "smtpplugins": "",
+}
+
+RUN_TIMEOUT = 30.0
+
+# ------------------------------------------------------------------ normalising
+
+MONTHS = "Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec"
+RE_ACCEPT = re.compile(rb"250 ok (\d+) qp (\d+)")
+RE_DATE = re.compile(rb"\b\d{1,2} (?:" + MONTHS.encode() + rb") \d{4} \d\d:\d\d:\d\d -0000")
+
+
+def norm(data):
+    """Replace `250 ok <digits> qp <digits>` and RFC 822 dates with fixed tokens."""
+    data = RE_ACCEPT.sub(b"250 ok <TIME> qp <PID>", data)
+    return RE_DATE.sub(b"<DATE>", data)
+
+
+def accept_qp(out):
+    """The qp numbers of every `250 ok <time> qp <pid>` reply in out, as ints."""
+    return [int(m.group(2)) for m in RE_ACCEPT.finditer(out)]
+
+
+# ------------------------------------------------------------------ fake qmail-queue
+
+FAKE_QUEUE = r'''#!%(python)s -IS
+# recording fake qmail-queue written by t/helpers.py
+import os, signal, sys
+QDIR = %(qdir)r
+EXIT = %(exit)d
+ERRTEXT = %(errtext)r
+SIGNAL = %(signal)r
+
+def readall(fd):
+    parts = []
+    while True:
+        try:
+            b = os.read(fd, 65536)
+        except OSError:
+            break
+        if not b:
+            break
+        parts.append(b)
+    return b"".join(parts)
+
+def check(env):
+    """None for a complete envelope, else the status a real qmail-queue exits with."""
+    if not env:
+        return 54
+    if env[:1] != b"F":
+        return 91
+    pos = env.find(b"\0")
+    if pos < 0:
+        return 54
+    pos += 1
+    while True:
+        if pos >= len(env):
+            return 54
+        c = env[pos:pos + 1]
+        if c == b"\0":
+            return None
+        if c != b"T":
+            return 91
+        end = env.find(b"\0", pos)
+        if end < 0:
+            return 54
+        pos = end + 1
+
+msg = readall(0)
+env = readall(1)
+bad = check(env)
+n = 1
+while True:
+    try:
+        os.close(os.open(os.path.join(QDIR, "%%d.lock" %% n), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        break
+    except FileExistsError:
+        n += 1
+suffix = "" if bad is None else ".bad"
+for ext, data in (("msg", msg), ("env", env), ("pid", str(os.getpid()).encode()),
+                  ("cwd", os.getcwd().encode())):
+    tmp = os.path.join(QDIR, "%%d.%%s.tmp" %% (n, ext))
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.rename(tmp, os.path.join(QDIR, "%%d.%%s%%s" %% (n, ext, suffix)))
+if bad is not None:
+    sys.exit(bad)
+if ERRTEXT is not None:
+    try:
+        os.write(6, ERRTEXT)
+    except OSError:
+        pass
+if SIGNAL is not None:
+    os.kill(os.getpid(), SIGNAL)
+sys.exit(EXIT)
+'''
+
+
+@dataclass(frozen=True)
+class Queued:
+    """One message the fake queue accepted (its envelope was complete)."""
+
+    message: bytes
+    envelope: bytes
+    pid: int
+    cwd: str
+
+    @property
+    def sender(self):
+        return self.envelope[1:self.envelope.index(b"\0")]
+
+    @property
+    def recipients(self):
+        entries = self.envelope[self.envelope.index(b"\0") + 1:].split(b"\0")
+        return [e[1:] for e in entries if e.startswith(b"T")]
+
+    @property
+    def received(self):
+        """The server's own Received: header (its two lines, LF-terminated)."""
+        first = self.message.index(b"\n")
+        second = self.message.index(b"\n", first + 1)
+        return self.message[:second + 1]
+
+    @property
+    def body(self):
+        """The message as the client sent it, after the server's Received: header."""
+        return self.message[len(self.received):]
+
+
+class FakeQueue:
+    """A recording qmail-queue in its own directory."""
+
+    def __init__(self, directory, exit=0, errtext=None, signal=None):
+        self.dir = directory
+        self.records = os.path.join(directory, "records")
+        os.makedirs(self.records, exist_ok=True)
+        self.path = os.path.join(directory, "fake-qmail-queue")
+        with open(self.path, "w") as f:
+            f.write(FAKE_QUEUE % {"python": sys.executable, "qdir": self.records,
+                                  "exit": exit, "errtext": errtext,
+                                  "signal": None if signal is None else int(signal)})
+        os.chmod(self.path, 0o755)
+
+    def _numbers(self):
+        return sorted(int(n.split(".")[0]) for n in os.listdir(self.records)
+                      if n.endswith(".lock"))
+
+    def _read(self, n, ext):
+        with open(os.path.join(self.records, "%d.%s" % (n, ext)), "rb") as f:
+            return f.read()
+
+    def queued(self, since=0):
+        """Messages with a complete envelope, in the order the queue ran (runs after
+        the first `since` ones)."""
+        out = []
+        for n in self._numbers()[since:]:
+            if os.path.exists(os.path.join(self.records, "%d.env" % n)):
+                out.append(Queued(self._read(n, "msg"), self._read(n, "env"),
+                                  int(self._read(n, "pid")), self._read(n, "cwd").decode()))
+        return out
+
+    def runs(self):
+        """How many times the queue has run."""
+        return len(self._numbers())
+
+    def incomplete(self, since=0):
+        """How many times the queue ran and saw an incomplete envelope (exit 54/91)."""
+        return sum(1 for n in self._numbers()[since:]
+                   if os.path.exists(os.path.join(self.records, "%d.env.bad" % n)))
+
+
+# ------------------------------------------------------------------ qmail home
+
+
+def write_control(home, name, content):
+    """Write control/NAME (str is latin-1 bytes); None removes the file."""
+    path = os.path.join(home, "control", name)
+    if content is None:
+        if os.path.lexists(path):
+            os.unlink(path)
+        return
+    if isinstance(content, str):
+        content = content.encode("latin-1")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(content)
+
+
+class Home:
+    """A temporary qmail home (root/home) with a recording fake queue (root/queue).
+
+    control: file name -> content (str = latin-1 bytes, None = leave the file out),
+    merged over DEFAULT_CONTROL unless defaults=False (an empty smtpplugins is then
+    still written unless control says None).
+    """
+
+    def __init__(self, root, control=None, defaults=True, queue_exit=0,
+                 queue_errtext=None, queue_signal=None):
+        self.root = root
+        self.path = os.path.join(root, "home")
+        os.makedirs(os.path.join(self.path, "control"), exist_ok=True)
+        files = dict(DEFAULT_CONTROL) if defaults else {"smtpplugins": ""}
+        files.update(control or {})
+        for name, content in files.items():
+            write_control(self.path, name, content)
+        self.queue = FakeQueue(os.path.join(root, "queue"), queue_exit,
+                               queue_errtext, queue_signal)
+
+    def control(self, name, content):
+        write_control(self.path, name, content)
+
+    def queued(self, since=0):
+        return self.queue.queued(since)
+
+
+def new_home(**kw):
+    """A Home in a fresh temporary directory (the caller removes home.root)."""
+    return Home(tempfile.mkdtemp(prefix="qsmtpd-test-"), **kw)
+
+
+# ------------------------------------------------------------------ running the server
+
+
+class Result(tuple):
+    """(stdout bytes, exit status, queued messages); also .err (stderr) and .incomplete."""
+
+    def __new__(cls, out, status, queued, err=b"", incomplete=0):
+        self = super().__new__(cls, (out, status, queued))
+        self.err = err
+        self.incomplete = incomplete
+        return self
+
+    out = property(lambda self: self[0])
+    status = property(lambda self: self[1])
+    queued = property(lambda self: self[2])
+
+
+def require_server():
+    if not os.path.exists(SERVER):
+        pytest.fail("%s is not installed: run `make test` (it installs the package into "
+                    ".venv) or set QMAIL_SMTPD_PY_SERVER" % SERVER)
+
+
+def server_env(home, env=None):
+    """The base environment of the conformance suite plus env (None removes a name)."""
+    e = dict(BASE_ENV)
+    if home is not None:
+        e["QMAILHOME"] = home.path
+        e["QMAILQUEUE"] = home.queue.path
+    for k, v in (env or {}).items():
+        if v is None:
+            e.pop(k, None)
+        else:
+            e[k] = v
+    return e
+
+
+def run_smtp(input_bytes, env=None, home=None, args=(), keep_open=False,
+             timeout=RUN_TIMEOUT):
+    """Run the installed qmail-smtpd-py with input_bytes on stdin.
+
+    stdin is closed after the input unless keep_open (then it stays open until the
+    server exits, for timeout tests). Returns Result(out, status, queued), queued
+    being what this run queued. Waits for the server's children too (they share its
+    stderr), so the queue has finished when this returns.
+    """
+    require_server()
+    own = home is None
+    if own:
+        home = new_home()
+    try:
+        before = home.queue.runs()
+        out, err, status = _run(
+            [SERVER, *args], server_env(home, env), home.root, input_bytes, keep_open,
+            timeout)
+        return Result(out, status, home.queued(before), err, home.queue.incomplete(before))
+    finally:
+        if own:
+            shutil.rmtree(home.root, ignore_errors=True)
+
+
+def _run(cmd, env, cwd, data, keep_open, timeout):
+    p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=env, cwd=cwd, start_new_session=True)
+    sel = selectors.DefaultSelector()
+    out_fd, err_fd = p.stdout.fileno(), p.stderr.fileno()
+    bufs = {out_fd: [], err_fd: []}
+    for fd in bufs:
+        sel.register(fd, selectors.EVENT_READ)
+    stdin_fd = p.stdin.fileno()
+    pending = memoryview(data)
+    if pending:
+        os.set_blocking(stdin_fd, False)
+        sel.register(stdin_fd, selectors.EVENT_WRITE)
+    elif not keep_open:
+        p.stdin.close()
+    deadline = _now() + timeout
+    try:
+        while sel.get_map():
+            left = deadline - _now()
+            if left <= 0:
+                raise AssertionError("server still running after %.0fs; stdout so far: %r"
+                                     % (timeout, b"".join(bufs[out_fd])))
+            for key, _ in sel.select(left):
+                if key.fd == stdin_fd:
+                    try:
+                        n = os.write(stdin_fd, pending[:65536])
+                        pending = pending[n:]
+                    except OSError:  # the server stopped reading (exited): fine
+                        pending = pending[:0]
+                    if not pending:
+                        sel.unregister(stdin_fd)
+                        if not keep_open:
+                            p.stdin.close()
+                else:
+                    chunk = os.read(key.fd, 65536)
+                    if chunk:
+                        bufs[key.fd].append(chunk)
+                    else:
+                        sel.unregister(key.fd)
+        p.wait(max(0.1, deadline - _now()))
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        if p.returncode is None:
+            p.wait()
+        sel.close()
+        for f in (p.stdin, p.stdout, p.stderr):
+            try:
+                f.close()
+            except OSError:
+                pass
+    return b"".join(bufs[out_fd]), b"".join(bufs[err_fd]), p.returncode
+
+
+def _now():
+    return time.monotonic()
+
+
+# ------------------------------------------------------------------ tools and ports
+
+
+def require_tools(*names):
+    """Skip the calling test when a Debian tool it drives is not installed; under CI
+    (CI set) fail instead, so a missing install step in .ci/run cannot pass silently."""
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        why = ("not installed: %s (apt-get install ucspi-tcp swaks tinycdb daemontools; "
+               ".ci/run does)" % ", ".join(missing))
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+def make_cdb(path, keys):
+    """Build a djb cdb with the real `cdb -c` (tinycdb): each key with empty data."""
+    require_tools("cdb")
+    src = b"".join(b"+%d,0:%s->\n" % (len(k), k) for k in keys) + b"\n"
+    subprocess.run(["cdb", "-c", path], input=src, check=True)
+
+
+def transfer(body_lines):
+    """CRLF-joined DATA body ending with the final dot line."""
+    return b"".join(line + b"\r\n" for line in body_lines) + b".\r\n"
