@@ -6,7 +6,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 SHARED ?= ../shared
-CONFORMANCE_AREAS ?= core
+CONFORMANCE_AREAS ?= core spp extfork auth spp-auth-hook
 CONFORMANCE_JOBS ?= 2
 HOST ?= 127.0.0.1
 PORT ?= 2525

@@ -80,11 +80,12 @@ class Config:
     """Everything the session needs from control/ and the start-up environment."""
 
     __slots__ = ("greeting", "localiphost", "timeout", "rcpthosts", "morercpthosts",
-                 "badmailfrom", "databytes", "max_line", "plugins")
+                 "badmailfrom", "databytes", "max_line", "plugins", "auth_mode",
+                 "checkpassword", "auth_hostname")
 
     def __init__(self, greeting, localiphost=None, timeout=1200, rcpthosts=None,
                  morercpthosts=None, badmailfrom=None, databytes=0, max_line=DEFAULT_MAX_LINE,
-                 plugins=None):
+                 plugins=None, auth_mode=None, checkpassword=(), auth_hostname=None):
         self.greeting = greeting          # bytes, used verbatim in 220/250/221
         self.localiphost = localiphost    # bytes or None (feature off)
         self.timeout = timeout            # seconds for each read and write
@@ -94,6 +95,9 @@ class Config:
         self.databytes = databytes        # 0 = unlimited
         self.max_line = max_line          # longest command line accepted
         self.plugins = plugins            # qmail-spp entries per section letter; None = off
+        self.auth_mode = auth_mode        # auth.* mode; None = plain notqmail, no AUTH patch
+        self.checkpassword = checkpassword  # argv of the checkpassword program
+        self.auth_hostname = auth_hostname  # CRAM-MD5 challenge host (old 3-argument form)
 
 
 class _CheckedCdb:
@@ -111,7 +115,26 @@ class _CheckedCdb:
             raise ControlError("control/morercpthosts.cdb: %s" % e) from None
 
 
-def load(environ):
+def auth_settings(environ, args):
+    """(mode, checkpassword argv, hostname) from SMTPAUTH and the command line.
+
+    No arguments and no SMTPAUTH: plain notqmail (mode None).  Otherwise the
+    AUTH patch: `qmail-smtpd-py /bin/checkpassword prog` or the old form
+    `qmail-smtpd-py HOSTNAME /bin/checkpassword prog` (first argument not an
+    absolute path).
+    """
+    smtpauth = environ.get(b"SMTPAUTH")
+    if not args and smtpauth is None:
+        return None, (), None
+    from .auth import parse_mode
+    args = [os.fsencode(a) for a in args]
+    hostname = None
+    if args and not args[0].startswith(b"/"):
+        hostname, args = args[0], args[1:]
+    return parse_mode(smtpauth), tuple(args), hostname
+
+
+def load(environ, args=()):
     """Read control/* (cwd = qmail home) and the relevant environment."""
     me = read_line("control/me")
     greeting = read_line("control/smtpgreeting")
@@ -162,5 +185,8 @@ def load(environ):
     # Not in qmail (its lines are unbounded); SMTPMAXLINE bounds memory use.
     max_line = leading_number(environ.get(b"SMTPMAXLINE", b"")) or DEFAULT_MAX_LINE
 
+    auth_mode, checkpassword, auth_hostname = auth_settings(environ, args)
+
     return Config(greeting, localiphost, timeout, rcpthosts, morercpthosts,
-                  badmailfrom, databytes, max_line, plugins)
+                  badmailfrom, databytes, max_line, plugins, auth_mode, checkpassword,
+                  auth_hostname)

@@ -137,3 +137,18 @@ class Sleep:
 
     def __init__(self, seconds):
         self.seconds = seconds
+
+
+class CheckPassword:
+    """Run the checkpassword command (argv) with `data` on its fd 3.
+    Answer: its exit code (0 = accepted), or one of "child", "fork",
+    "pipe", "write" when it could not be run properly."""
+    __slots__ = ("argv", "data", "env")
+
+    def __init__(self, argv, data, env):
+        self.argv = argv
+        self.data = data
+        self.env = env
+
+    def __repr__(self):  # never show credentials
+        return "CheckPassword(%r, <%d bytes>)" % (self.argv, len(self.data))

@@ -13,8 +13,8 @@ import time
 from . import replies
 from .effects import (
     PROGRAM_CRASHED, PROGRAM_NOT_STARTED, QUEUE_EXEC_FAILED, Exit, LocalIPs, Log, Now,
-    PluginFinish, PluginRead, PluginStart, QueueFinish, QueueStart, QueueWrite, Read,
-    RunProgram, Sleep,
+    CheckPassword, PluginFinish, PluginRead, PluginStart, QueueFinish, QueueStart, QueueWrite,
+    Read, RunProgram, Sleep,
 )
 
 READ_SIZE = 1 << 16
@@ -194,6 +194,40 @@ class Driver:
         _, status = os.waitpid(pid, 0)
         return PROGRAM_CRASHED if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
+    def check_password(self, request):
+        """checkpassword: the credentials on its fd 3, SIGPIPE at its default,
+        PATH searched (execvp, as the AUTH patch); its stdin and stdout are
+        kept off the SMTP connection."""
+        from .queue import _above, _write_all
+        argv = list(request.argv)
+        try:
+            readable, writable = os.pipe()
+        except OSError:
+            return "pipe"
+        readable = _above(readable, 3)
+        try:
+            pid = os.posix_spawnp(argv[0], argv, request.env, setsigdef=(_SIGPIPE,),
+                                  file_actions=[(os.POSIX_SPAWN_DUP2, readable, 3),
+                                                (os.POSIX_SPAWN_OPEN, 0, "/dev/null",
+                                                 os.O_RDONLY, 0),
+                                                (os.POSIX_SPAWN_DUP2, 2, 1)])
+        except (OSError, ValueError) as e:
+            os.close(writable)
+            if isinstance(e, OSError) and e.errno in _CANNOT_START:
+                return "fork"
+            log("unable to run checkpassword %s: %s" % (_text(argv[0]), e))
+            return 1  # the patch's child exits 1 when exec fails: authentication fails
+        finally:
+            os.close(readable)
+        try:
+            _write_all(writable, request.data)
+        except OSError:
+            return "write"
+        finally:
+            os.close(writable)
+        _, status = os.waitpid(pid, 0)
+        return "child" if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
     def sleep(self, request):
         self.flush()
         time.sleep(request.seconds)
@@ -202,11 +236,12 @@ class Driver:
         Read: read, Exit: exit, Now: now, LocalIPs: local_ips, Log: write_log,
         QueueStart: queue_start, QueueWrite: queue_write, QueueFinish: queue_finish,
         PluginStart: plugin_start, PluginRead: plugin_read, PluginFinish: plugin_finish,
-        RunProgram: run_program, Sleep: sleep,
+        RunProgram: run_program, Sleep: sleep, CheckPassword: check_password,
     }
 
 
 _CANNOT_START = {11, 12, 23, 24}  # EAGAIN, ENOMEM, ENFILE, EMFILE: no process/pipe
+_SIGPIPE = 13  # the signal module costs an import on every connection
 
 
 def _text(raw):
@@ -230,12 +265,12 @@ def main(args=(), qmail_home=None):
         qmail_home = environ.get(b"QMAILHOME", b"/var/qmail")
     try:
         os.chdir(qmail_home)
-        config = load(environ)
+        config = load(environ, args)
     except (OSError, ControlError) as e:
         log("fatal: unable to read controls: %s" % e)
         _write_quietly(1, replies.CONTROLS)
         return 1
-    session = Session(config, dict(environ))
+    session = Session(config, dict(environ), pid=os.getpid())
     return Driver(session, config.timeout, plugin_time_limit=_time_limit(environ)).run()
 
 

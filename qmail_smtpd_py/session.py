@@ -14,12 +14,12 @@ and their replies follow qmail-smtpd.c (spec §3), so the reader can put
 this file and the C side by side.
 """
 
-from . import address, replies
+from . import address, auth, replies
 from .control import ControlError
 from .data import BareLF, Blast
 from .effects import (
-    LOCAL_IPS, NOW, QUEUE_EXEC_FAILED, READ, Exit, Log, QueueFinish, QueueStart, QueueWrite,
-    Sleep,
+    LOCAL_IPS, NOW, QUEUE_EXEC_FAILED, READ, CheckPassword, Exit, Log, QueueFinish, QueueStart,
+    QueueWrite, Sleep,
 )
 from .extfork import QUITASAP_PAUSE, ExtFork
 from .queue import EXEC_FAILED_STATUS, reply_for, status_text
@@ -49,9 +49,10 @@ class Session:
     connection's environment as a dict of bytes (it is what qmail-queue
     and other children get)."""
 
-    def __init__(self, config, env):
+    def __init__(self, config, env, pid=0):
         self.config = config
         self.env = env
+        self.pid = pid             # for the CRAM-MD5 challenge
         self.out = bytearray()
         self._buf = bytearray()
         self._scanned = 0  # _buf[:_scanned] is known to hold no LF
@@ -71,6 +72,7 @@ class Session:
         self.mailfrom = b""
         self.rcpts = []            # envelope recipients, RELAYCLIENT suffix included
         self.badmailfrom = False   # the current sender is in badmailfrom
+        self.authenticated = False
         self.spp = Plugins(config.plugins)
         self.extfork = ExtFork()
 
@@ -111,7 +113,7 @@ class Session:
             raise _End(1)
         self._buf += data
 
-    def _read_line(self):
+    def _read_line(self, cut_at_nul=True):
         """The next command line without LF, one CR before it, or anything
         from the first NUL on.  Over-long lines are skipped with a 500."""
         buf = self._buf
@@ -136,7 +138,7 @@ class Session:
         self._scanned = 0
         if line.endswith(b"\r"):
             line = line[:-1]
-        nul = line.find(b"\0")
+        nul = line.find(b"\0") if cut_at_nul else -1
         return line if nul < 0 else line[:nul]
 
     # ------------------------------------------------------------ verbs
@@ -159,7 +161,13 @@ class Session:
         return result != REJECT
 
     def ehlo_extensions(self):
-        return [b"PIPELINING", b"8BITMIME"]
+        extensions = [b"PIPELINING", b"8BITMIME"]
+        mode = self.config.auth_mode
+        if mode is not None:  # the AUTH patch's EHLO
+            if mode in auth.EHLO_LINES:
+                extensions.append(auth.EHLO_LINES[mode])
+            extensions.append(b"SIZE %d" % self.config.databytes)
+        return extensions
 
     def _set_helo(self, arg):
         self.helo = arg
@@ -167,6 +175,7 @@ class Session:
 
     def smtp_rset(self, arg):
         self.seenmail = False
+        self.authenticated = False  # as the AUTH patch; relaying stays granted
         self.spp.reset()
         self.out += replies.FLUSHED
 
@@ -184,6 +193,10 @@ class Session:
         raise _End(0)
 
     def smtp_mail(self, arg):
+        mode = self.config.auth_mode
+        if mode is not None and mode > 10 and not self.authenticated:
+            self.out += auth.REQUIRED
+            return
         addr = yield from self._parse_address(arg)
         if addr is None:
             self.out += replies.SYNTAX
@@ -194,6 +207,14 @@ class Session:
         result, addr = yield from self.spp.hook(b"m", self.env, self.out, b"SMTPMAILFROM", addr)
         if result == REJECT:
             return
+        if mode is not None:  # the AUTH patch parses SIZE= and AUTH=
+            too_big, auth_user = auth.mail_parameters(arg, self.config.databytes)
+            if auth_user is not None and self.remoteinfo is None:
+                self.remoteinfo = auth_user
+                self.env[b"TCPREMOTEINFO"] = auth_user
+            if too_big:
+                self.out += replies.TOO_BIG
+                return
         # After O the check is skipped; qmail-spp kept the previous sender's
         # flag then, which DECISIONS.md fixes.
         bmf = self.config.badmailfrom
@@ -319,6 +340,110 @@ class Session:
         self.out += reply
         yield Log("message not queued: %s" % _show(reply.rstrip()))
 
+    # ------------------------------------------------------------ AUTH
+
+    def smtp_auth(self, arg):
+        config = self.config
+        if config.auth_mode is None:
+            self.out += replies.UNIMPLEMENTED  # plain notqmail has no AUTH
+            return
+        if not config.auth_mode or not config.checkpassword:
+            self.out += auth.NOT_AVAILABLE
+            return
+        if self.authenticated:
+            self.out += auth.ALREADY
+            return
+        if self.seenmail:
+            self.out += auth.DURING_MAIL
+            return
+        mechanism, _, arg = arg.partition(b" ")
+        mechanism = mechanism.lower()
+        dialogue = self._AUTH_MECHANISMS.get(mechanism)
+        if dialogue is None:
+            self.out += auth.UNIMPLEMENTED
+            return
+        credentials = yield from dialogue(self, arg.lstrip(b" "))
+        if credentials is None:
+            return  # canceled or malformed: already answered
+        user, secret, challenge = credentials
+        if not user or not secret:
+            self.out += auth.MALFORMED
+            return
+        data = user + b"\0" + secret + b"\0"
+        if auth.sends_challenge(config.auth_mode):
+            data += challenge + b"\0"
+        status = yield CheckPassword(config.checkpassword, data, self.env)
+        if status in auth.CHILD_FAILURES:
+            self.out += auth.CHILD_FAILURES[status]
+            return
+        user = user.split(b"\0", 1)[0]
+        if status != 0:
+            yield Sleep(auth.FAIL_DELAY)
+            self.out += auth.FAILED
+            yield Log("AUTH %s failed for user %s" % (mechanism.decode(), _show(user)))
+            return
+        self.env[b"SMTPAUTHUSER"] = user
+        self.env[b"SMTPAUTHMETHOD"] = mechanism
+        result, _ = yield from self.spp.hook(b"a", self.env, self.out)
+        if result == REJECT:
+            return
+        self.authenticated = True
+        self.protocol = b"ESMTPA"
+        self.relayclient = b""
+        self.remoteinfo = user
+        self.env[b"TCPREMOTEINFO"] = user
+        self.env[b"RELAYCLIENT"] = b""
+        self.out += auth.OK
+
+    def _auth_response(self):
+        """One line of the AUTH dialogue, decoded; None after '*' or an empty line."""
+        line = yield from self._read_line(cut_at_nul=False)
+        if line == b"*":
+            self.out += auth.CANCELED
+            return None
+        if not line:
+            self.out += auth.MALFORMED
+            return None
+        return auth.b64decode(line)
+
+    def _auth_login(self, arg):
+        if arg:
+            user = auth.b64decode(arg)
+        else:
+            self.out += auth.LOGIN_USER_PROMPT
+            user = yield from self._auth_response()
+            if user is None:
+                return None
+        self.out += auth.LOGIN_PASSWORD_PROMPT
+        password = yield from self._auth_response()
+        if password is None:
+            return None
+        return user, password, b""
+
+    def _auth_plain(self, arg):
+        if arg:
+            decoded = auth.b64decode(arg)
+        else:
+            self.out += auth.PLAIN_PROMPT
+            decoded = yield from self._auth_response()
+            if decoded is None:
+                return None
+        user, password = auth.plain_credentials(decoded)
+        return user, password, b""
+
+    def _auth_cram(self, arg):
+        when = yield NOW
+        host = self.config.auth_hostname or self.local
+        challenge = b"<%d.%d@%s>" % (self.pid, int(when), host)
+        self.out += b"334 " + auth.b64encode(challenge) + b"\r\n"
+        decoded = yield from self._auth_response()
+        if decoded is None:
+            return None
+        user, digest = auth.cram_credentials(decoded)
+        return user, digest, challenge
+
+    _AUTH_MECHANISMS = {b"login": _auth_login, b"plain": _auth_plain, b"cram-md5": _auth_cram}
+
     def envelope(self):
         parts = [b"F", self.mailfrom, b"\0"]
         for rcpt in self.rcpts:
@@ -329,7 +454,7 @@ class Session:
     _VERBS = {
         b"helo": smtp_helo, b"ehlo": smtp_ehlo, b"rset": smtp_rset, b"noop": smtp_noop,
         b"vrfy": smtp_vrfy, b"help": smtp_help, b"quit": smtp_quit, b"mail": smtp_mail,
-        b"rcpt": smtp_rcpt, b"data": smtp_data,
+        b"rcpt": smtp_rcpt, b"data": smtp_data, b"auth": smtp_auth,
     }
 
 
