@@ -81,11 +81,12 @@ class Config:
 
     __slots__ = ("greeting", "localiphost", "timeout", "rcpthosts", "morercpthosts",
                  "badmailfrom", "databytes", "max_line", "plugins", "auth_mode",
-                 "checkpassword", "auth_hostname")
+                 "checkpassword", "auth_hostname", "tls", "smtps", "force_tls", "require_tls")
 
     def __init__(self, greeting, localiphost=None, timeout=1200, rcpthosts=None,
                  morercpthosts=None, badmailfrom=None, databytes=0, max_line=DEFAULT_MAX_LINE,
-                 plugins=None, auth_mode=None, checkpassword=(), auth_hostname=None):
+                 plugins=None, auth_mode=None, checkpassword=(), auth_hostname=None,
+                 tls=False, smtps=False, force_tls=False, require_tls=False):
         self.greeting = greeting          # bytes, used verbatim in 220/250/221
         self.localiphost = localiphost    # bytes or None (feature off)
         self.timeout = timeout            # seconds for each read and write
@@ -98,6 +99,10 @@ class Config:
         self.auth_mode = auth_mode        # auth.* mode; None = plain notqmail, no AUTH patch
         self.checkpassword = checkpassword  # argv of the checkpassword program
         self.auth_hostname = auth_hostname  # CRAM-MD5 challenge host (old 3-argument form)
+        self.tls = tls                    # control/servercert.pem exists: offer STARTTLS
+        self.smtps = smtps                # SMTPS set: TLS from the first byte
+        self.force_tls = force_tls        # FORCETLS: no AUTH before TLS
+        self.require_tls = require_tls    # TLSREQUIRED: no MAIL before TLS
 
 
 class _CheckedCdb:
@@ -187,6 +192,16 @@ def load(environ, args=()):
 
     auth_mode, checkpassword, auth_hostname = auth_settings(environ, args)
 
+    # As the TLS patch: the certificate's existence decides; it is loaded
+    # only when a client asks for TLS.
+    tls = os.path.exists("control/servercert.pem")
+
     return Config(greeting, localiphost, timeout, rcpthosts, morercpthosts,
                   badmailfrom, databytes, max_line, plugins, auth_mode, checkpassword,
-                  auth_hostname)
+                  auth_hostname, tls, b"SMTPS" in environ, _flag(environ, b"FORCETLS"),
+                  _flag(environ, b"TLSREQUIRED"))
+
+
+def _flag(environ, name):
+    """An on/off variable: set and not empty or "0"."""
+    return environ.get(name, b"") not in (b"", b"0")

@@ -152,3 +152,31 @@ class CheckPassword:
 
     def __repr__(self):  # never show credentials
         return "CheckPassword(%r, <%d bytes>)" % (self.argv, len(self.data))
+
+
+class TLSStart:
+    """Prepare TLS (context, certificate).  Answer: None, or the reply text
+    of a set-up failure, e.g. b"missing certificate: <reason>"."""
+    __slots__ = ()
+
+
+TLS_START = TLSStart()
+
+
+class TLSHandshake:
+    """Run the TLS handshake on the connection (replies flushed first).
+    Answer: (True, cipher name) or (False, reason)."""
+    __slots__ = ()
+
+
+TLS_HANDSHAKE = TLSHandshake()
+
+
+class TLSClientCert:
+    """Answer: (email or None, reason or None) for the client certificate
+    given in the handshake, judged against control/tlsclients; (None, None)
+    when client certificates are not in use."""
+    __slots__ = ()
+
+
+TLS_CLIENT_CERT = TLSClientCert()

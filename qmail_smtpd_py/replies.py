@@ -53,3 +53,19 @@ def quit(text):
 
 def accepted(when, qp):
     return b"250 ok %d qp %d\r\n" % (when, qp)
+
+# STARTTLS (Vermeulen's TLS patch) and the optional TLS policies.
+TLS_READY = b"220 ready for tls\r\n"
+TLS_NO_PARAMETERS = b"501 Syntax error (no parameters allowed) (#5.5.4)\r\n"
+TLS_AUTH_FIRST = b"538 auth not available without TLS (#5.3.3)\r\n"
+TLS_MAIL_FIRST = b"530 Must issue a STARTTLS command first (#5.7.0)\r\n"
+
+
+def tls_failure(what):
+    return b"454 TLS " + what + b" (#4.3.0)\r\n"
+
+
+def tls_nogateway(reason):
+    """The rcpthosts refusal inside TLS, where a client certificate could have helped."""
+    return (b"553 sorry, that domain isn't in my list of allowed rcpthosts; no valid cert for "
+            b"gatewaying" + (b": " + reason if reason else b"") + b" (#5.7.1)\r\n")

@@ -14,7 +14,7 @@ from . import replies
 from .effects import (
     PROGRAM_CRASHED, PROGRAM_NOT_STARTED, QUEUE_EXEC_FAILED, Exit, LocalIPs, Log, Now,
     CheckPassword, PluginFinish, PluginRead, PluginStart, QueueFinish, QueueStart, QueueWrite,
-    Read, RunProgram, Sleep,
+    Read, RunProgram, Sleep, TLSClientCert, TLSHandshake, TLSStart,
 )
 
 READ_SIZE = 1 << 16
@@ -39,6 +39,8 @@ class Driver:
         self.session = session
         self.plugin = None
         self.plugin_time_limit = plugin_time_limit
+        self.tls_context = None
+        self.tls = None  # a tls.TLSConnection once the handshake is done
         self.timeout_ms = timeout * 1000
         self.infd = infd
         self.outfd = outfd
@@ -83,8 +85,14 @@ class Driver:
         out = self.session.out
         if not out:
             return
-        data = memoryview(bytes(out))
+        data = bytes(out)
         del out[:]
+        if self.tls is not None:
+            data = self.tls.encrypt(data)
+        self._write_raw(data)
+
+    def _write_raw(self, data):
+        data = memoryview(data)
         while data:
             try:
                 data = data[os.write(self.outfd, data):]
@@ -96,8 +104,8 @@ class Driver:
             if not self._out_poll.poll(self.timeout_ms):
                 raise _Done(1)  # write timeout: silent, as in qmail
 
-    def read(self, request):
-        self.flush()
+    def _read_raw(self):
+        """Bytes from the client, b"" at EOF, None after the timeout."""
         while True:
             if not self._in_poll.poll(self.timeout_ms):
                 return None
@@ -107,6 +115,12 @@ class Driver:
                 continue
             except OSError:
                 return b""
+
+    def read(self, request):
+        self.flush()
+        if self.tls is not None:
+            return self.tls.read(self._read_raw, self._write_raw, READ_SIZE)
+        return self._read_raw()
 
     # ------------------------------------------------------------ requests
 
@@ -228,6 +242,29 @@ class Driver:
         _, status = os.waitpid(pid, 0)
         return "child" if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
+    def tls_start(self, request):
+        from .tls import TLSSetupError, make_context
+        try:
+            self.tls_context = make_context(self.session.env)
+        except TLSSetupError as e:
+            log("TLS set-up failed: %s" % _text(e.args[0]))
+            return e.args[0]
+        return None
+
+    def tls_handshake(self, request):
+        from .tls import TLSConnection
+        self.flush()  # "220 ready for tls" goes out in clear text
+        connection = TLSConnection(self.tls_context)
+        ok, detail = connection.handshake(self._read_raw, self._write_raw)
+        if ok:
+            self.tls = connection
+        else:
+            log("TLS handshake failed: %s" % _text(detail))
+        return ok, detail
+
+    def tls_client_cert(self, request):
+        return self.tls.client_cert()
+
     def sleep(self, request):
         self.flush()
         time.sleep(request.seconds)
@@ -237,6 +274,7 @@ class Driver:
         QueueStart: queue_start, QueueWrite: queue_write, QueueFinish: queue_finish,
         PluginStart: plugin_start, PluginRead: plugin_read, PluginFinish: plugin_finish,
         RunProgram: run_program, Sleep: sleep, CheckPassword: check_password,
+        TLSStart: tls_start, TLSHandshake: tls_handshake, TLSClientCert: tls_client_cert,
     }
 
 

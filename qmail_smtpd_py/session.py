@@ -18,8 +18,8 @@ from . import address, auth, replies
 from .control import ControlError
 from .data import BareLF, Blast
 from .effects import (
-    LOCAL_IPS, NOW, QUEUE_EXEC_FAILED, READ, CheckPassword, Exit, Log, QueueFinish, QueueStart,
-    QueueWrite, Sleep,
+    LOCAL_IPS, NOW, QUEUE_EXEC_FAILED, READ, TLS_CLIENT_CERT, TLS_HANDSHAKE, TLS_START,
+    CheckPassword, Exit, Log, QueueFinish, QueueStart, QueueWrite, Sleep,
 )
 from .extfork import QUITASAP_PAUSE, ExtFork
 from .queue import EXEC_FAILED_STATUS, reply_for, status_text
@@ -73,6 +73,9 @@ class Session:
         self.rcpts = []            # envelope recipients, RELAYCLIENT suffix included
         self.badmailfrom = False   # the current sender is in badmailfrom
         self.authenticated = False
+        self.in_tls = False
+        self.tls_cert_checked = False  # the client certificate is judged once
+        self.tls_cert_reason = None    # why it did not allow relaying
         self.spp = Plugins(config.plugins)
         self.extfork = ExtFork()
 
@@ -81,6 +84,8 @@ class Session:
     def run(self):
         """The session generator; see effects.py for what it yields."""
         try:
+            if self.config.smtps:
+                yield from self._start_tls(implicit=True)
             result, _ = yield from self.spp.hook(b"c", self.env, self.out)
             if result != REJECT:
                 self.out += replies.greeting(self.config.greeting)
@@ -162,9 +167,11 @@ class Session:
 
     def ehlo_extensions(self):
         extensions = [b"PIPELINING", b"8BITMIME"]
+        if self.config.tls and not self.in_tls:
+            extensions.insert(0, b"STARTTLS")
         mode = self.config.auth_mode
         if mode is not None:  # the AUTH patch's EHLO
-            if mode in auth.EHLO_LINES:
+            if mode in auth.EHLO_LINES and not self._auth_needs_tls():
                 extensions.append(auth.EHLO_LINES[mode])
             extensions.append(b"SIZE %d" % self.config.databytes)
         return extensions
@@ -196,6 +203,9 @@ class Session:
         mode = self.config.auth_mode
         if mode is not None and mode > 10 and not self.authenticated:
             self.out += auth.REQUIRED
+            return
+        if self.config.require_tls and not self.in_tls:
+            self.out += replies.TLS_MAIL_FIRST
             return
         addr = yield from self._parse_address(arg)
         if addr is None:
@@ -251,8 +261,12 @@ class Session:
         if self.relayclient is not None:
             addr += self.relayclient
         elif result == NORMAL and not allowed:
-            self.out += replies.NOGATEWAY
-            return
+            if not self.in_tls:
+                self.out += replies.NOGATEWAY
+                return
+            if not (yield from self._relay_by_client_cert()):
+                self.out += replies.tls_nogateway(self.tls_cert_reason)
+                return
         refusal = yield from self.extfork.check(
             self.env, self.relayclient is not None, self.mailfrom, self.helo, addr)
         if refusal is not None:
@@ -356,6 +370,9 @@ class Session:
         if self.seenmail:
             self.out += auth.DURING_MAIL
             return
+        if self._auth_needs_tls():
+            self.out += replies.TLS_AUTH_FIRST
+            return
         mechanism, _, arg = arg.partition(b" ")
         mechanism = mechanism.lower()
         dialogue = self._AUTH_MECHANISMS.get(mechanism)
@@ -394,6 +411,9 @@ class Session:
         self.env[b"TCPREMOTEINFO"] = user
         self.env[b"RELAYCLIENT"] = b""
         self.out += auth.OK
+
+    def _auth_needs_tls(self):
+        return self.config.force_tls and not self.in_tls
 
     def _auth_response(self):
         """One line of the AUTH dialogue, decoded; None after '*' or an empty line."""
@@ -444,6 +464,52 @@ class Session:
 
     _AUTH_MECHANISMS = {b"login": _auth_login, b"plain": _auth_plain, b"cram-md5": _auth_cram}
 
+    # ------------------------------------------------------------ STARTTLS
+
+    def smtp_starttls(self, arg):
+        if not self.config.tls:
+            self.out += replies.UNIMPLEMENTED  # no certificate: plain notqmail
+            return
+        if arg:
+            self.out += replies.TLS_NO_PARAMETERS
+        elif self.in_tls:
+            self.out += replies.UNIMPLEMENTED
+        else:
+            yield from self._start_tls(implicit=False)
+        # Whatever was pipelined behind STARTTLS was sent in clear text: a
+        # man in the middle may have put it there.  Drop it.
+        del self._buf[:]
+        self._scanned = 0
+
+    def _start_tls(self, implicit):
+        failure = yield TLS_START
+        if failure is not None:
+            self.out += replies.tls_failure(failure)
+            if implicit:
+                raise _End(1)
+            return
+        if not implicit:
+            self.out += replies.TLS_READY
+        ok, detail = yield TLS_HANDSHAKE
+        if not ok:
+            self.out += replies.tls_failure(b"connection failed: " + detail)
+            raise _End(1)
+        self.in_tls = True
+        self.protocol = b"ESMTPS (" + detail + b" encrypted)"
+        self._set_helo(self.remotehost)  # the client must say EHLO again
+
+    def _relay_by_client_cert(self):
+        """In TLS, a verified client certificate whose e-mail address is in
+        control/tlsclients allows relaying (judged at the first refusal)."""
+        if not self.tls_cert_checked:
+            self.tls_cert_checked = True
+            email, self.tls_cert_reason = yield TLS_CLIENT_CERT
+            if email is not None:
+                self.relayclient = b""
+                self.env[b"RELAYCLIENT"] = b""
+                self.protocol += b"\n  (cert " + email + b")"
+        return self.relayclient is not None
+
     def envelope(self):
         parts = [b"F", self.mailfrom, b"\0"]
         for rcpt in self.rcpts:
@@ -454,7 +520,7 @@ class Session:
     _VERBS = {
         b"helo": smtp_helo, b"ehlo": smtp_ehlo, b"rset": smtp_rset, b"noop": smtp_noop,
         b"vrfy": smtp_vrfy, b"help": smtp_help, b"quit": smtp_quit, b"mail": smtp_mail,
-        b"rcpt": smtp_rcpt, b"data": smtp_data, b"auth": smtp_auth,
+        b"rcpt": smtp_rcpt, b"data": smtp_data, b"auth": smtp_auth, b"starttls": smtp_starttls,
     }
 
 
