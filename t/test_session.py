@@ -116,11 +116,137 @@ SESSIONS = [
 ]
 
 
+AUTH_SESSION = (b"EHLO c\r\nAUTH LOGIN\r\nam9l\r\nc2VjcmV0\r\nRSET\r\nAUTH PLAIN\r\n"
+                b"AGpvZQBzZWNyZXQ=\r\n" + MSG.replace(b"u@example.com", b"x@other.org"))
+
+
 @settings(max_examples=300)
-@given(st.sampled_from(SESSIONS), st.lists(st.integers(min_value=1, max_value=200), max_size=8))
+@given(st.sampled_from(SESSIONS + [AUTH_SESSION]),
+       st.lists(st.integers(min_value=1, max_value=200), max_size=8))
 def test_input_split_anywhere_gives_the_same_output(session_bytes, cuts):
-    whole = run(session_bytes)
+    def play(chunks):
+        r = run(chunks, cfg=auth_config(b"!", plugins={b"r": [b"p"]}), checkpassword=joe,
+                plugins={b"p": (b"HX-P: $SMTPRCPTTO\n", 0)})
+        return r.output, r.queued, r.exit
     points = sorted({c % len(session_bytes) for c in cuts} - {0})
     chunks = [session_bytes[a:b] for a, b in zip([0] + points, points + [len(session_bytes)])]
-    split = run(chunks)
-    assert (split.output, split.queued, split.exit) == (whole.output, whole.queued, whole.exit)
+    assert play(chunks) == play(session_bytes)
+
+
+# ------------------------------------------------------------ plugins, AUTH, TLS in the core
+
+def spp_config(**sections):
+    return config(plugins={k.encode(): v for k, v in sections.items()})
+
+
+def test_spp_rcpt_plugin_rejects_and_sees_counters():
+    plugins = {b"p/r": (b"P250-seen\nE550 no\n", 0)}
+    r = run(MSG, cfg=spp_config(r=[b"p/r"]), plugins=plugins)
+    assert r.output == GREETING + b"250 ok\r\n250-seen\r\n550 no\r\n503 RCPT first (#5.5.1)\r\n" \
+        + b"502 unimplemented (#5.5.1)\r\n" * 4
+    env = r.plugin_envs[0]
+    assert (env[b"SMTPRCPTTO"], env[b"SMTPRCPTCOUNT"], env[b"SMTPRCPTCOUNTALL"],
+            env[b"SMTPRCPTHOSTSOK"]) == (b"u@example.com", b"0", b"1", b"1")
+
+
+def test_spp_crash_after_output_gives_451_after_it():
+    r = run(b"HELO x\r\n", cfg=spp_config(h=[b"p/h"]), plugins={b"p/h": (b"P250-a", -1)})
+    assert r.output == GREETING + b"250-a\r\n451 qmail-spp failure: p/h: child crashed (#4.3.0)\r\n"
+
+
+def test_spp_headers_follow_received_and_are_reset():
+    plugins = {b"p/m": (b"HX-A: 1\nH\n", 0)}
+    r = run(MSG + MSG, cfg=spp_config(m=[b"p/m"]), plugins=plugins)
+    assert r.queued[0][0] == RECEIVED + b"X-A: 1\nSubject: t\n\nhi\n"
+    assert r.queued[1][0] == RECEIVED + b"X-A: 1\nSubject: t\n\nhi\n"
+
+
+def auth_config(mode=b"", **kw):
+    from qmail_smtpd_py.auth import parse_mode
+    return config(auth_mode=parse_mode(mode), checkpassword=(b"/cp", b"/bin/true"), **kw)
+
+
+def joe(data):
+    return 0 if data.startswith(b"joe\0secret\0") else 1
+
+
+def test_auth_login_dialogue_and_relay():
+    r = run(b"AUTH LOGIN\r\nam9l\r\nc2VjcmV0\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<x@other.org>\r\n",
+            cfg=auth_config(), checkpassword=joe)
+    assert r.output == GREETING + b"334 VXNlcm5hbWU6\r\n334 UGFzc3dvcmQ6\r\n" \
+        b"235 ok, go ahead (#2.0.0)\r\n250 ok\r\n250 ok\r\n"
+    assert r.checkpassword == [b"joe\0secret\0"]
+
+
+def test_auth_failure_pauses_then_535_and_never_logs_the_password():
+    r = run(b"AUTH PLAIN AGpvZQB3cm9uZw==\r\n", cfg=auth_config(), checkpassword=joe)
+    assert r.output == GREETING + b"535 authentication failed (#5.7.1)\r\n"
+    assert "slept 5" in r.log
+    assert not any("wrong" in line for line in r.log)
+
+
+def test_cram_md5_challenge_and_fd3_with_challenge_field():
+    import base64, hashlib, hmac
+    r = run(b"AUTH CRAM-MD5\r\n*\r\n", cfg=auth_config(b"+cram"))
+    challenge = base64.b64decode(r.output.split(b"334 ")[1].split(b"\r\n")[0])
+    assert challenge == b"<77.1795311213@mx.test>"
+    digest = hmac.new(b"secret", challenge, hashlib.md5).hexdigest().encode()
+    answer = base64.b64encode(b"joe " + digest)
+    r = run(b"AUTH CRAM-MD5\r\n" + answer + b"\r\n", cfg=auth_config(b"+cram"),
+            checkpassword=lambda data: 0)
+    assert r.checkpassword == [b"joe\0" + digest + b"\0" + challenge + b"\0"]
+
+
+def test_starttls_discards_pipelined_input_and_resets_helo():
+    cfg = config(tls=True)
+    r = run([b"EHLO c\r\nSTARTTLS\r\nNOOP\r\n", b"MAIL FROM:<a@b.c>\r\nRCPT TO:<u@example.com>\r\n"
+             b"DATA\r\n.\r\n"], cfg=cfg, tls=(None, (True, b"TLS_X"), (None, None)))
+    assert r.output == GREETING + b"250-mx.example.org\r\n250-STARTTLS\r\n250-PIPELINING\r\n" \
+        b"250 8BITMIME\r\n220 ready for tls\r\n250 ok\r\n250 ok\r\n354 go ahead\r\n" \
+        b"250 ok 1795311213 qp 4242\r\n"
+    assert r.queued[0][0].startswith(
+        b"Received: from unknown (127.0.0.1)\n  by mx.test with ESMTPS (TLS_X encrypted); ")
+
+
+def test_client_cert_relaying_in_tls():
+    cfg = config(tls=True)
+    tls = (None, (True, b"TLS_X"), (b"joe@example.com", None))
+    r = run(b"STARTTLS\r\n", cfg=cfg, tls=tls)
+    r = run([b"STARTTLS\r\n", b"MAIL FROM:<a@b.c>\r\nRCPT TO:<x@other.org>\r\nDATA\r\n.\r\n"],
+            cfg=cfg, tls=tls)
+    assert r.queued[0][0].split(b";")[0].endswith(b"ESMTPS (TLS_X encrypted)\n  (cert joe@example.com)")
+    tls = (None, (True, b"TLS_X"), (None, b"contains no email address"))
+    r = run([b"STARTTLS\r\n", b"MAIL FROM:<a@b.c>\r\nRCPT TO:<x@other.org>\r\n"], cfg=cfg, tls=tls)
+    assert r.output.endswith(b"553 sorry, that domain isn't in my list of allowed rcpthosts; "
+                             b"no valid cert for gatewaying: contains no email address (#5.7.1)\r\n")
+
+
+def test_extfork_refusal_and_quitasap():
+    env = {**BASE, b"SMTPEXTFORK": b"/x", b"XF_QUITASAP": b""}
+    r = run(MSG, env=env, programs={b"/x": 100})
+    assert r.output == GREETING + b"250 ok\r\n554 sorry, permanent envelope failure due to local " \
+        b"policy (#5.7.1)\r\n"
+    assert r.exit == 1 and "slept 2" in r.log
+
+
+BASE = {b"TCPREMOTEIP": b"127.0.0.1", b"TCPLOCALIP": b"127.0.0.1", b"TCPLOCALHOST": b"mx.test"}
+
+
+# ------------------------------------------------------------ fuzz
+
+@settings(max_examples=400)
+@given(st.lists(st.sampled_from([
+    b"HELO x\r\n", b"EHLO x\r\n", b"MAIL FROM:<a@b.c>\r\n", b"RCPT TO:<u@example.com>\r\n",
+    b"DATA\r\n", b".\r\n", b"RSET\r\n", b"AUTH LOGIN\r\n", b"AUTH PLAIN\r\n", b"*\r\n",
+    b"am9l\r\n", b"STARTTLS\r\n", b"\r\n", b"\n", b"\0", b"\xff", b"x", b"MAIL <", b".",
+    b"AUTH CRAM-MD5\r\n", b"RCPT TO:<\"q\\\"@x\r\n", b"Received: x\r\n"]), max_size=30),
+    st.sampled_from(["plain", "auth", "spp", "tls"]))
+def test_fuzz_the_core_never_crashes_and_replies_in_lines(parts, flavour):
+    cfg = {"plain": config(), "auth": auth_config(b"!+cram"),
+           "spp": spp_config(c=[b"p"], h=[b"p"], m=[b"p"], r=[b"p"], d=[b"p"]),
+           "tls": config(tls=True)}[flavour]
+    r = run(b"".join(parts), cfg=cfg, plugins={b"p": (b"HX: y\nLD451 no\nP250-p\n", 0)},
+            checkpassword=joe, tls=(None, (True, b"T"), (None, None)))
+    assert r.exit in (0, 1)
+    assert r.output.endswith(b"\r\n")
+    assert all(line[:3].isdigit() for line in r.output.split(b"\r\n")[:-1])

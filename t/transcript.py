@@ -29,16 +29,23 @@ LOCAL_IPS = frozenset({(0, 0, 0, 0), (127, 0, 0, 1)})
 
 
 def run(chunks, cfg=None, env=None, queue_status=0, queue_errtext=b"", local_ips=LOCAL_IPS,
-        queue_start=4242):
+        queue_start=4242, plugins=None, checkpassword=None, programs=None, tls=None):
     """Feed chunks (bytes each, EOF after the last) to a Session.
 
     The fake qmail-queue records what it is given and answers queue_status;
     like the real one it rejects (54) a message without an envelope.
+    plugins maps a qmail-spp entry to (output bytes, exit status);
+    checkpassword(data) gives the exit status for the fd 3 bytes;
+    programs maps an SMTPEXTFORK program to its exit status;
+    tls is (start failure or None, (ok, detail), (email, reason)).
     """
     if isinstance(chunks, bytes):
         chunks = [chunks]
-    session = Session(cfg or config(), dict(BASE_ENV if env is None else env))
+    session = Session(cfg or config(), dict(BASE_ENV if env is None else env), pid=77)
     result = Result()
+    result.checkpassword = []  # the fd 3 bytes of every checkpassword run
+    result.plugin_envs = []    # the environment each plugin was started with
+    plugin_lines = []
     pending = list(chunks)
     message = bytearray()
     steps = session.run()
@@ -70,6 +77,31 @@ def run(chunks, cfg=None, env=None, queue_status=0, queue_errtext=b"", local_ips
                 answer = (queue_status, queue_errtext)
         elif isinstance(request, effects.Log):
             result.log.append(request.text)
+        elif isinstance(request, effects.PluginStart):
+            output, status = plugins[request.entry]
+            result.plugin_envs.append(dict(request.env))
+            plugin_lines = [line + b"\n" for line in output.split(b"\n")]
+            plugin_lines[-1] = plugin_lines[-1][:-1]
+            plugin_status = status
+        elif isinstance(request, effects.PluginRead):
+            lines = [line for line in plugin_lines if line]
+            plugin_lines = []
+            answer = lines or None
+        elif isinstance(request, effects.PluginFinish):
+            answer = plugin_status
+        elif isinstance(request, effects.CheckPassword):
+            result.checkpassword.append(request.data)
+            answer = checkpassword(request.data)
+        elif isinstance(request, effects.RunProgram):
+            answer = programs[request.path]
+        elif isinstance(request, effects.Sleep):
+            result.log.append("slept %s" % request.seconds)
+        elif request is effects.TLS_START:
+            answer = tls[0]
+        elif request is effects.TLS_HANDSHAKE:
+            answer = tls[1]
+        elif request is effects.TLS_CLIENT_CERT:
+            answer = tls[2]
         elif isinstance(request, effects.Exit):
             result.exit = request.code
             return result
