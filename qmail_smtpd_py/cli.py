@@ -32,17 +32,34 @@ def _click_main(args):
         """SMTP on fd 0/1 for one connection, as qmail-smtpd: run it under
         tcpserver.  Replies, the Received line and the envelope are notqmail's.
 
+        CHECKPASSWORD: for SMTP AUTH, the checkpassword command line
+        (e.g. /bin/checkpassword /bin/true); the old form HOSTNAME
+        CHECKPASSWORD... is accepted too.
+
         \b
         Environment (set by tcpserver, tcprules or envdir):
           TCPREMOTEIP TCPREMOTEHOST TCPREMOTEINFO TCPLOCALIP TCPLOCALHOST
-          RELAYCLIENT  relaying allowed; its value is appended to recipients
-          DATABYTES    overrides control/databytes
-          QMAILQUEUE   queue program (default bin/qmail-queue in the qmail home)
-          QMAILHOME    qmail home (default /var/qmail)
-          SMTPMAXLINE  longest command line accepted (default 65536 bytes)
+          RELAYCLIENT   relaying allowed; its value is appended to recipients
+          DATABYTES     overrides control/databytes
+          QMAILQUEUE    queue program (default bin/qmail-queue in the qmail home)
+          QMAILHOME     qmail home (default /var/qmail)
+          SMTPMAXLINE   longest command line accepted (default 65536 bytes)
+          NOSPP         qmail-spp off (control/smtpplugins then not needed)
+          SPPCONFFILE   qmail-spp configuration instead of control/smtpplugins
+          SPPTIMEOUT    seconds a qmail-spp plugin may run (default: no limit);
+                        a plugin over it is killed and treated as crashed
+          SMTPEXTFORK   programs judging each RCPT (SMTPEXTFORKR: for relay
+                        clients); 421SMTPEXTFORK... custom texts; XF_QUITASAP
+          SMTPAUTH      AUTH mode: "" LOGIN PLAIN, cram, +cram, ! (required),
+                        !cram, !+cram, - (off)
+          SMTPS         TLS from the first byte (port 465)
+          TLSCIPHERS    OpenSSL cipher list (else control/tlsserverciphers)
+          FORCETLS      no AUTH before STARTTLS
+          TLSREQUIRED   no MAIL before STARTTLS
         \b
         Control files: me smtpgreeting localiphost rcpthosts morercpthosts.cdb
-        badmailfrom databytes timeoutsmtpd.
+        badmailfrom databytes timeoutsmtpd smtpplugins servercert.pem
+        clientca.pem tlsclients tlsserverciphers dh2048.pem.
         """
         from .server import main as serve_connection
         sys.exit(serve_connection(checkpassword, os.fsencode(qmail_home)))
