@@ -47,9 +47,11 @@ class PluginProcess:
         or None at EOF.  A plugin over its time limit is killed: EOF."""
         while True:
             if self.deadline is not None:
+                # Checked before every read: a plugin that writes without end
+                # keeps the pipe readable, so poll alone would never time out.
                 poller = select.poll()
                 poller.register(self.out, select.POLLIN)
-                if not poller.poll(self._remaining_ms()):
+                if not self._remaining_ms() or not poller.poll(self._remaining_ms()):
                     self._kill()
                     return None
             data = os.read(self.out, READ_SIZE)

@@ -126,6 +126,11 @@ class Driver:
 
     def exit(self, request):
         self.flush()
+        if self.tls is not None:
+            try:
+                self._write_raw(self.tls.close_notify())
+            except _Done:
+                pass
         raise _Done(request.code)
 
     def now(self, request):
@@ -245,7 +250,7 @@ class Driver:
     def tls_start(self, request):
         from .tls import TLSSetupError, make_context
         try:
-            self.tls_context = make_context(self.session.env)
+            self.tls_context = make_context(self.session.env, log)
         except TLSSetupError as e:
             log("TLS set-up failed: %s" % _text(e.args[0]))
             return e.args[0]
