@@ -224,6 +224,16 @@ class Driver:
         except OSError:
             return "pipe"
         readable = _above(readable, 3)
+        # Fill the pipe before the child exists: a checkpassword that exits
+        # without reading fd 3 then cannot make the write fail (the patch
+        # has that race).  Only what does not fit is written afterwards.
+        os.set_blocking(writable, False)
+        data = memoryview(request.data)
+        try:
+            data = data[os.write(writable, data):]
+        except BlockingIOError:
+            pass
+        os.set_blocking(writable, True)
         try:
             pid = os.posix_spawnp(argv[0], argv, request.env, setsigdef=(_SIGPIPE,),
                                   file_actions=[(os.POSIX_SPAWN_DUP2, readable, 3),
@@ -239,7 +249,7 @@ class Driver:
         finally:
             os.close(readable)
         try:
-            _write_all(writable, request.data)
+            _write_all(writable, data)
         except OSError:
             return "write"
         finally:
@@ -298,12 +308,14 @@ def _where(exc):
     return "%s:%d" % (os.path.basename(tb.tb_frame.f_code.co_filename), tb.tb_lineno)
 
 
-def main(args=(), qmail_home=None):
-    """Serve one SMTP connection on fd 0/1 (the tcpserver way); returns the exit status."""
+def serve(args=(), qmail_home=None, environ=None):
+    """Serve one SMTP connection on fd 0/1 (the tcpserver way, and each child
+    of the resident mode); returns the exit status."""
     from .control import ControlError, load
     from .session import Session
 
-    environ = os.environb
+    if environ is None:
+        environ = os.environb
     if qmail_home is None:
         qmail_home = environ.get(b"QMAILHOME", b"/var/qmail")
     try:
@@ -332,4 +344,4 @@ def _write_quietly(fd, data):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(serve())

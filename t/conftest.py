@@ -40,3 +40,13 @@ def smtp(home):
 
     return run
 
+
+@pytest.fixture
+def tcpservers(tmp_path):
+    """helpers.TcpServers for this test: start(home=None, env=None, rules=None,
+    envdir=None, cwd=None, args=()) -> TcpServer(port, log); all killed at teardown."""
+    servers = helpers.TcpServers(tmp_path)
+    try:
+        yield servers
+    finally:
+        servers.stop_all()

@@ -1,5 +1,7 @@
-"""Shared test helpers: a throw-away qmail home, a recording fake qmail-queue, and
-run_smtp(), which runs the *installed* qmail-smtpd-py over pipes.
+"""Shared test helpers: a throw-away qmail home, a recording fake qmail-queue,
+run_smtp(), which runs the *installed* qmail-smtpd-py over pipes, EnvQueue (a
+QMAILQUEUE wrapper recording its environment) and TcpServers (the server under the
+real tcpserver on loopback).
 
 Theory of operation: every black-box test builds a qmail home (control/ files from a
 dict, plus the empty control/smtpplugins that qmail-spp insists on), points QMAILQUEUE
@@ -18,6 +20,7 @@ import re
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -411,3 +414,128 @@ def make_cdb(path, keys):
 def transfer(body_lines):
     """CRLF-joined DATA body ending with the final dot line."""
     return b"".join(line + b"\r\n" for line in body_lines) + b".\r\n"
+
+
+def free_port():
+    """A loopback TCP port that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------ environment-recording queue
+
+ENV_QUEUE = '#!/bin/sh\nenv -0 > "%(dir)s/$$"\ncp "%(dir)s/$$" "%(dir)s/last"\nexec "%(queue)s"\n'
+
+
+class EnvQueue:
+    """A QMAILQUEUE wrapper (.path) in front of home's fake queue that saves the
+    environment it was run with, then execs the fake queue. Each run is saved under
+    its pid (exec keeps the pid, so it matches Queued.pid) and as the last run."""
+
+    def __init__(self, home):
+        self.dir = os.path.join(home.root, "queue-env")
+        os.makedirs(self.dir, exist_ok=True)
+        self.path = os.path.join(home.root, "env-queue")
+        with open(self.path, "w") as f:
+            f.write(ENV_QUEUE % {"dir": self.dir, "queue": home.queue.path})
+        os.chmod(self.path, 0o755)
+
+    def environ(self, pid=None):
+        """The environment of run `pid` (None: the last run) as a dict of bytes."""
+        with open(os.path.join(self.dir, "last" if pid is None else str(pid)), "rb") as f:
+            data = f.read()
+        return dict(item.split(b"=", 1) for item in data.split(b"\0") if item)
+
+    def text(self, pid=None):
+        """environ(pid) decoded as latin-1 str."""
+        return {k.decode("latin-1"): v.decode("latin-1") for k, v in self.environ(pid).items()}
+
+
+# ------------------------------------------------------------------ tcpserver
+
+
+class TcpServer:
+    """A started tcpserver: its loopback port and its -v log (a pathlib.Path)."""
+
+    def __init__(self, port, log):
+        self.port = port
+        self.log = log
+
+    def statuses(self, count, timeout=20):
+        """The wait statuses tcpserver logged for the first `count` finished connections
+        (waits up to timeout seconds for them; exit 1 is 256)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [int(s) for s in re.findall(rb"end \d+ status (\d+)", self.log.read_bytes())]
+            if len(found) >= count or time.monotonic() > deadline:
+                return found
+            time.sleep(0.02)
+
+    def log_text(self):
+        return self.log.read_bytes()
+
+
+class TcpServers:
+    """Starts `[envdir DIR] tcpserver -v -R -H -l mx.test -c 10 [-x RULES] 127.0.0.1 PORT
+    qmail-smtpd-py ARGS` processes; stop_all() kills them (and their children, by
+    process group). The conftest.py fixture `tcpservers` stops them at teardown."""
+
+    def __init__(self, tmp_path):
+        self.tmp = tmp_path
+        self.procs = []
+
+    def start(self, home=None, env=None, rules=None, envdir=None, cwd=None, args=()):
+        """Start a server and wait until it listens; returns a TcpServer.
+
+        The environment is PATH, QMAILHOME and QMAILQUEUE of home (if given), then env.
+        rules: a tcprules cdb for -x; envdir: run under `envdir ENVDIR` (relative to
+        cwd, which defaults to the test's tmp_path); args: after the server command."""
+        require_tools("tcpserver")
+        require_server()
+        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+        if home is not None:
+            full_env.update(QMAILHOME=home.path, QMAILQUEUE=home.queue.path)
+        full_env.update(env or {})
+        for attempt in range(5):
+            port = free_port()
+            cmd = ["tcpserver", "-v", "-R", "-H", "-l", "mx.test", "-c", "10"]
+            if rules:
+                cmd += ["-x", rules]
+            cmd += ["127.0.0.1", str(port), SERVER, *args]
+            if envdir:
+                require_tools("envdir")
+                cmd = ["envdir", envdir] + cmd
+            log = self.tmp / ("tcpserver-%d.log" % len(self.procs))
+            with open(log, "wb") as logf:
+                p = subprocess.Popen(cmd, env=full_env, cwd=cwd or str(self.tmp),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=logf, start_new_session=True)
+            self.procs.append(p)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                if b"status: 0/" in log.read_bytes():
+                    return TcpServer(port, log)
+                if p.poll() is not None:
+                    break
+                time.sleep(0.02)
+            self.stop(p)
+            if b"unable to bind" not in log.read_bytes():
+                pytest.fail("tcpserver did not start: %r" % log.read_bytes())
+        pytest.fail("tcpserver could not bind a free port")
+
+    def stop(self, p):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except OSError:
+                pass
+            try:
+                p.wait(5)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    def stop_all(self):
+        for p in self.procs:
+            self.stop(p)

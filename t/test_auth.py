@@ -22,7 +22,6 @@ import re
 import selectors
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ import time
 import pytest
 
 from helpers import (
-    SERVER, Home, norm, require_server, require_tools, run_smtp, server_env,
+    SERVER, EnvQueue, Home, norm, require_server, require_tools, run_smtp, server_env,
 )
 
 
@@ -200,26 +199,6 @@ def script(home, name, body, shell="/bin/sh"):
         f.write("#!%s\n%s" % (shell, body))
     os.chmod(path, 0o755)
     return path
-
-
-def env_queue(home):
-    """A QMAILQUEUE wrapper that saves its environment, then runs the fake queue."""
-    saved = os.path.join(home.root, "queue-env.json")
-    path = os.path.join(home.root, "env-queue")
-    with open(path, "w") as f:
-        f.write("#!%s -IS\n" % sys.executable
-                + "import json, os\n"
-                + "with open(%r, 'w') as f:\n" % saved
-                + "    json.dump({k.decode('latin-1'): v.decode('latin-1')\n"
-                + "               for k, v in os.environb.items()}, f)\n"
-                + "os.execv(%r, [%r])\n" % (home.queue.path, home.queue.path))
-    os.chmod(path, 0o755)
-
-    def environment():
-        with open(saved) as f:
-            return json.load(f)
-
-    return path, environment
 
 
 def auth_plugin(home, body="", name="authplug"):
@@ -714,14 +693,14 @@ def test_rset_forgets_authenticated_but_relaying_stays(ahome):
 
 def test_success_exports_tcpremoteinfo_and_relayclient_to_qmail_queue(ahome):
     home, _ = ahome
-    queue, environment = env_queue(home)
+    queue = EnvQueue(home)
     out, _, queued = auth(
         crlf(b"EHLO c.test") + PLAIN_JOE
         + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@other.org>") + MESSAGE + crlf(b"QUIT"),
-        ahome, env={"QMAILQUEUE": queue})
+        ahome, env={"QMAILQUEUE": queue.path})
     assert norm(out) == (GREETING + ehlo(LOGIN_PLAIN) + AUTH_OK + OK + OK + GO_AHEAD + ACCEPTED
                          + BYE)
-    env = environment()
+    env = queue.text()
     assert env["TCPREMOTEINFO"] == "joe"
     assert env["RELAYCLIENT"] == ""
     assert norm(queued[0].received) == RECEIVED_AUTH
@@ -729,11 +708,11 @@ def test_success_exports_tcpremoteinfo_and_relayclient_to_qmail_queue(ahome):
 
 def test_no_export_before_auth(ahome):
     home, _ = ahome
-    queue, environment = env_queue(home)
+    queue = EnvQueue(home)
     out, _, queued = auth(crlf(b"HELO c.test", b"MAIL FROM:<a@b.c>", b"RCPT TO:<u@example.com>")
-                          + MESSAGE + crlf(b"QUIT"), ahome, env={"QMAILQUEUE": queue})
+                          + MESSAGE + crlf(b"QUIT"), ahome, env={"QMAILQUEUE": queue.path})
     assert norm(out) == GREETING + HELO + OK + OK + GO_AHEAD + ACCEPTED + BYE
-    env = environment()
+    env = queue.text()
     assert "TCPREMOTEINFO" not in env
     assert "RELAYCLIENT" not in env
     assert norm(queued[0].received) == RECEIVED_PLAIN
@@ -797,15 +776,15 @@ def test_mail_size_needs_a_closing_angle_bracket(ahome):
 ])
 def test_mail_auth_parameter_becomes_remoteinfo(ahome, param, info):
     home, _ = ahome
-    queue, environment = env_queue(home)
+    queue = EnvQueue(home)
     out, _, queued = auth(
         crlf(b"HELO c.test", b"MAIL FROM:<a@b.c> " + param, b"RCPT TO:<u@example.com>")
-        + MESSAGE + crlf(b"QUIT"), ahome, env={"QMAILQUEUE": queue})
+        + MESSAGE + crlf(b"QUIT"), ahome, env={"QMAILQUEUE": queue.path})
     assert norm(out) == GREETING + HELO + OK + OK + GO_AHEAD + ACCEPTED + BYE
     assert norm(queued[0].received) == (b"Received: from unknown (HELO c.test) ("
                                         + info + b"@127.0.0.1)\n"
                                         b"  by mx.test with SMTP; <DATE>\n")
-    assert environment()["TCPREMOTEINFO"] == info.decode()
+    assert queue.text()["TCPREMOTEINFO"] == info.decode()
 
 
 def test_mail_auth_parameter_does_not_override_auth_or_ident(ahome):
@@ -874,7 +853,7 @@ def test_auth_plugin_rejecting_leaves_the_session_unauthenticated(ahome):
     """E in [auth]: the plugin's text instead of 235, no relaying, no ESMTPA; the
     client may AUTH again (here the plugin lets the second attempt through)."""
     home, _ = ahome
-    queue, environment = env_queue(home)
+    queue = EnvQueue(home)
     once = os.path.join(home.root, "rejected-once")
     calls = auth_plugin(home, '[ -e "%s" ] && exit 0\ntouch "%s"\necho "E535 5.7.0 not you"\n'
                         % (once, once))
@@ -883,7 +862,7 @@ def test_auth_plugin_rejecting_leaves_the_session_unauthenticated(ahome):
                          b"RCPT TO:<u@example.com>") + MESSAGE
         + PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>") + MESSAGE
         + crlf(b"QUIT"),
-        ahome, env={"QMAILQUEUE": queue})
+        ahome, env={"QMAILQUEUE": queue.path})
     assert norm(out) == (GREETING + b"535 5.7.0 not you\r\n" + OK + NOGATEWAY + OK + GO_AHEAD
                          + ACCEPTED + AUTH_OK + OK + OK + GO_AHEAD + ACCEPTED + BYE)
     assert calls() == ["joe plain", "joe plain"]
@@ -1034,67 +1013,10 @@ def test_subprogram_exit_status_decides(failures):
 # ------------------------------------------------------------------ real clients over TCP
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def tcp_auth_server(tmp_path):
-    """start(home, checkpw, smtpauth) -> port: tcpserver running qmail-smtpd-py with
-    the checkpassword command line; stopped at teardown."""
-    procs = []
-
-    def start(home, checkpw, smtpauth):
-        require_tools("tcpserver")
-        require_server()
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "QMAILHOME": home.path,
-               "QMAILQUEUE": home.queue.path, "SMTPAUTH": smtpauth}
-        for attempt in range(5):
-            port = _free_port()
-            log = tmp_path / ("tcpserver-%d.log" % len(procs))
-            with open(log, "wb") as logf:
-                p = subprocess.Popen(
-                    ["tcpserver", "-v", "-R", "-H", "-l", "mx.test", "-c", "10", "127.0.0.1",
-                     str(port), SERVER, checkpw.path, "/bin/true"],
-                    env=env, cwd=str(tmp_path), stdin=subprocess.DEVNULL,
-                    stdout=subprocess.DEVNULL, stderr=logf, start_new_session=True)
-            procs.append(p)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline and p.poll() is None:
-                if b"status: 0/" in log.read_bytes():
-                    return port
-                time.sleep(0.05)
-            _stop(p)
-            if b"unable to bind" not in log.read_bytes():
-                pytest.fail("tcpserver did not start: %r" % log.read_bytes())
-        pytest.fail("tcpserver could not bind a free port")
-
-    try:
-        yield start
-    finally:
-        for p in procs:
-            _stop(p)
-
-
-def _stop(p):
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGTERM)
-        except OSError:
-            pass
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-
-
-def test_swaks_auth_login_relays(tcp_auth_server, ahome):
+def test_swaks_auth_login_relays(tcpservers, ahome):
     require_tools("swaks")
     home, checkpw = ahome
-    port = tcp_auth_server(home, checkpw, "")
+    port = tcpservers.start(home, env={"SMTPAUTH": ""}, args=(checkpw.path, "/bin/true")).port
     p = subprocess.run(["swaks", "--server", "127.0.0.1:%d" % port, "--from", "a@b.c",
                         "--helo", "client.test", "--to", "u@elsewhere.org", "--timeout", "20",
                         "--auth", "LOGIN", "--auth-user", "joe", "--auth-password", "secret",
@@ -1114,9 +1036,10 @@ def test_swaks_auth_login_relays(tcp_auth_server, ahome):
     ("+cram", "LOGIN PLAIN CRAM-MD5", "cram"),  # smtplib prefers CRAM-MD5
     ("", "LOGIN PLAIN", "plain"),
 ])
-def test_smtplib_login_relays(tcp_auth_server, ahome, smtpauth, advertised, mechanism):
+def test_smtplib_login_relays(tcpservers, ahome, smtpauth, advertised, mechanism):
     home, checkpw = ahome
-    port = tcp_auth_server(home, checkpw, smtpauth)
+    port = tcpservers.start(home, env={"SMTPAUTH": smtpauth},
+                            args=(checkpw.path, "/bin/true")).port
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=20) as s:
         s.ehlo()
         assert s.esmtp_features["auth"].split() == advertised.split()

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from helpers import norm, run_smtp
+from helpers import EnvQueue, norm, run_smtp
 
 
 def crlf(*lines):
@@ -102,26 +102,6 @@ def recorder(home, name="record"):
             return [json.loads(line) for line in f]
 
     return path, records
-
-
-def env_queue(home):
-    """A QMAILQUEUE wrapper that saves its environment, then runs the fake queue."""
-    saved = os.path.join(home.root, "queue-env.json")
-    path = os.path.join(home.root, "env-queue")
-    with open(path, "w") as f:
-        f.write("#!%s -IS\n" % sys.executable
-                + "import json, os\n"
-                + "with open(%r, 'w') as f:\n" % saved
-                + "    json.dump({k.decode('latin-1'): v.decode('latin-1')\n"
-                + "               for k, v in os.environb.items()}, f)\n"
-                + "os.execv(%r, [%r])\n" % (home.queue.path, home.queue.path))
-    os.chmod(path, 0o755)
-
-    def environment():
-        with open(saved) as f:
-            return json.load(f)
-
-    return path, environment
 
 
 # ------------------------------------------------------------------ exit codes
@@ -549,15 +529,15 @@ def test_remote_variables_reach_qmail_queue(home):
     """The variables are set in the server's own environment and stay set, so
     qmail-queue sees the last RCPT that was checked (extfork.md §3)."""
     prog = refuse_bad(home, 100)
-    queue, environment = env_queue(home)
+    queue = EnvQueue(home)
     out, _, queued = run_smtp(
         crlf(b"HELO h.test", b"MAIL FROM:<a@b.c>", b"RCPT TO:<u@example.com>",
              b"RCPT TO:<bad@example.com>") + MESSAGE + crlf(b"QUIT"),
-        home=home, env={"SMTPEXTFORK": prog, "QMAILQUEUE": queue})
+        home=home, env={"SMTPEXTFORK": prog, "QMAILQUEUE": queue.path})
     assert norm(out) == (GREETING + b"250 mx.example.org\r\n" + OK + OK
                          + b"554 sorry, permanent envelope failure due to local policy (#5.7.1)"
                            b"\r\n" + b"354 go ahead\r\n" + ACCEPTED + BYE)
-    env = environment()
+    env = queue.text()
     assert (env["REMOTEMF"], env["REMOTEHELO"], env["REMOTERCPT"]) == (
         "a@b.c", "h.test", "bad@example.com")
     assert queued[0].recipients == [b"u@example.com"]

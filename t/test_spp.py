@@ -7,7 +7,7 @@ badmailfrom flag after O in MAIL is cleared, an empty H line is ignored, SPPTIME
 Plugins are tiny /bin/sh programs: `:` entries of control/smtpplugins (run as
 `/bin/sh -c REST`) or scripts written into the qmail home's plugins/ directory. The
 environment a message was queued with is recorded by a wrapper around the fake
-qmail-queue (`record_queue_env`). The default home (conftest.py) has
+qmail-queue (helpers.EnvQueue). The default home (conftest.py) has
 me=mx.example.org and rcpthosts example.com and .sub.example.net.
 """
 
@@ -15,8 +15,8 @@ import os
 
 import pytest
 
-from helpers import norm, run_smtp
-from test_tcpserver import plain_env, swaks, tcpservers  # noqa: F401 (fixture)
+from helpers import EnvQueue, norm, run_smtp
+from test_tcpserver import swaks
 
 
 def crlf(*lines):
@@ -83,24 +83,6 @@ def add_plugin(home, name, body, mode=0o755):
         f.write("#!/bin/sh\n" + body + "\n")
     os.chmod(path, mode)
     return "plugins/" + name
-
-
-def record_queue_env(home):
-    """Put a wrapper in front of the fake queue that saves its environment (by pid,
-    which exec keeps, so it matches Queued.pid). Returns the env for run_smtp."""
-    wrapper = os.path.join(home.root, "env-queue")
-    envdir = os.path.join(home.root, "queue-env")
-    os.makedirs(envdir, exist_ok=True)
-    with open(wrapper, "w") as f:
-        f.write('#!/bin/sh\nenv -0 > "%s/$$"\nexec "%s"\n' % (envdir, home.queue.path))
-    os.chmod(wrapper, 0o755)
-    return {"QMAILQUEUE": wrapper}
-
-
-def queue_env(home, msg):
-    with open(os.path.join(home.root, "queue-env", str(msg.pid)), "rb") as f:
-        data = f.read()
-    return dict(item.split(b"=", 1) for item in data.split(b"\0") if item)
 
 
 @pytest.fixture
@@ -382,7 +364,8 @@ def test_H_header_goes_right_after_received(spp, section):
 def test_C_changes_the_address_only_in_mail_and_rcpt(spp, section):
     home = spp(conf((section, [":echo Cchanged@x.example",
                                ":echo HX-Env: from=${SMTPMAILFROM-unset} to=${SMTPRCPTTO-unset}"])))
-    env = record_queue_env(home)
+    queue = EnvQueue(home)
+    env = {"QMAILQUEUE": queue.path}
     res = run(home, STD, env=env)
     assert norm(res.out) == std_with(0, b"")
     (msg,) = res.queued
@@ -394,31 +377,33 @@ def test_C_changes_the_address_only_in_mail_and_rcpt(spp, section):
     sender = b"changed@x.example" if section == "mail" else b"a@b.c"
     rcpt = b"changed@x.example" if section == "rcpt" else b"u@example.com"
     assert msg.envelope == b"F" + sender + b"\0T" + rcpt + b"\0\0"
-    qenv = queue_env(home, msg)
+    qenv = queue.environ(msg.pid)
     assert (qenv[b"SMTPMAILFROM"], qenv[b"SMTPRCPTTO"]) == (sender, rcpt)
 
 
 @pytest.mark.parametrize("section", SECTIONS)
 def test_S_sets_a_variable_for_later_plugins_and_qmail_queue(spp, section):
     home = spp(conf((section, [":echo SSPPVAR=x=y", ":echo HX-Var: ${SPPVAR-unset}"])))
-    env = record_queue_env(home)
+    queue = EnvQueue(home)
+    env = {"QMAILQUEUE": queue.path}
     res = run(home, STD, env=env)
     assert norm(res.out) == std_with(0, b"")
     (msg,) = res.queued
     assert msg.message.split(b"\n")[2] == b"X-Var: x=y"
-    assert queue_env(home, msg)[b"SPPVAR"] == b"x=y"
+    assert queue.environ(msg.pid)[b"SPPVAR"] == b"x=y"
 
 
 @pytest.mark.parametrize("section", SECTIONS)
 def test_U_unsets_a_variable_for_later_plugins_and_qmail_queue(spp, section):
     home = spp(conf((section, [":echo USPPVAR", ":echo HX-Var: ${SPPVAR-unset}"])))
-    env = record_queue_env(home)
+    queue = EnvQueue(home)
+    env = {"QMAILQUEUE": queue.path}
     env["SPPVAR"] = "inherited"
     res = run(home, STD, env=env)
     assert norm(res.out) == std_with(0, b"")
     (msg,) = res.queued
     assert msg.message.split(b"\n")[2] == b"X-Var: unset"
-    assert b"SPPVAR" not in queue_env(home, msg)
+    assert b"SPPVAR" not in queue.environ(msg.pid)
 
 
 # ================================================================== state rules (§5)
@@ -448,12 +433,13 @@ def test_A_headers_collected_before_it_are_kept(spp):
 
 def test_after_A_only_address_variables_stop_updating(spp):
     home = spp(conf(("mail", [":echo A"])))
-    env = record_queue_env(home)
+    queue = EnvQueue(home)
+    env = {"QMAILQUEUE": queue.path}
     res = run(home, crlf(b"HELO one", MAIL, RCPT, *DATA,
                          b"HELO two", b"MAIL FROM:<n@b.c>", b"RCPT TO:<v@example.com>",
                          b"RCPT TO:<x@elsewhere.org>", *DATA, QUIT), env=env)
     assert len(res.queued) == 2
-    qenv = queue_env(home, res.queued[1])
+    qenv = queue.environ(res.queued[1].pid)
     assert qenv[b"SMTPHELOHOST"] == b"two"
     assert qenv[b"SMTPMAILFROM"] == b"a@b.c"       # set before A, never again
     assert b"SMTPRCPTTO" not in qenv               # rcpt plugins never ran
@@ -465,11 +451,12 @@ def test_after_A_only_address_variables_stop_updating(spp):
 def test_NOSPP_is_like_A_from_the_start(spp):
     home = spp(conf(("helo", [":echo E550 helo plugin ran"]),
                     ("rcpt", [":echo E550 rcpt plugin ran"])))
-    env = record_queue_env(home)
+    queue = EnvQueue(home)
+    env = {"QMAILQUEUE": queue.path}
     env["NOSPP"] = ""
     res = run(home, crlf(HELO, MAIL, RCPT, *DATA, QUIT), env=env)
     assert norm(res.out) == std_with(0, b"")
-    qenv = queue_env(home, res.queued[0])
+    qenv = queue.environ(res.queued[0].pid)
     assert qenv[b"SMTPHELOHOST"] == b"c.test"
     assert (qenv[b"SMTPRCPTCOUNT"], qenv[b"SMTPRCPTCOUNTALL"], qenv[b"SMTPRCPTHOSTSOK"]) == (
         b"0", b"1", b"1")
@@ -616,13 +603,14 @@ def test_C_with_empty_address_makes_a_null_sender(spp):
 def test_S_and_U_persist_across_rset_and_transactions(spp):
     home = spp(conf(("connection", [":echo SSPPCONN=1; echo UTCPREMOTEIP"]),
                     ("mail", [":echo HX-Conn: ${SPPCONN-unset} ip=${TCPREMOTEIP-unset}"])))
-    env = record_queue_env(home)
+    queue = EnvQueue(home)
+    env = {"QMAILQUEUE": queue.path}
     res = run(home, crlf(MAIL, RCPT, *DATA, RSET, MAIL, RCPT, *DATA, QUIT), env=env)
     assert len(res.queued) == 2
     for msg in res.queued:
         # Received still shows the address read at startup.
         assert norm(msg.message) == (RECEIVED_NOHELO + b"X-Conn: 1 ip=unset\n" + CLIENT_MESSAGE)
-        qenv = queue_env(home, msg)
+        qenv = queue.environ(msg.pid)
         assert qenv[b"SPPCONN"] == b"1" and b"TCPREMOTEIP" not in qenv
 
 
@@ -1094,10 +1082,10 @@ def test_SPPTIMEOUT_unset_zero_or_large_lets_slow_plugins_finish(spp, value):
 # ================================================================== tcpserver + swaks
 
 
-def test_tcpserver_swaks_rcpt_plugin_rejects_one_recipient(tcpservers, spp):  # noqa: F811
+def test_tcpserver_swaks_rcpt_plugin_rejects_one_recipient(tcpservers, spp):
     home = spp(conf(("rcpt", [
         ':case "$SMTPRCPTTO" in bad@*) echo "E550 5.1.1 no mailbox here";; esac'])))
-    port = tcpservers.start(plain_env(home))
+    port = tcpservers.start(home).port
     status, transcript = swaks(port, "--to", "good@example.com,bad@example.com",
                                "--header", "Subject: spp test", "--body", "hello")
     assert b"<** 550 5.1.1 no mailbox here" in transcript, transcript

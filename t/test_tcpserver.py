@@ -8,97 +8,16 @@ TCPREMOTEIP=127.0.0.1, TCPLOCALHOST=mx.test and no TCPREMOTEHOST.
 """
 
 import os
-import signal
 import smtplib
-import socket
 import subprocess
-import time
 
 import pytest
 
-from helpers import QUEUE_MAILDIR, RE_DATE, SERVER, norm, require_server, require_tools
+from helpers import QUEUE_MAILDIR, RE_DATE, norm, require_tools
 
 RECEIVED = (b"Received: from unknown (HELO client.test) (127.0.0.1)\n"
             b"  by mx.test with SMTP; <DATE>\n")
 NOGATEWAY = b"sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class TcpServers:
-    """Starts tcpserver processes and kills them (and their children) at teardown."""
-
-    def __init__(self, tmp_path):
-        self.tmp = tmp_path
-        self.procs = []
-
-    def start(self, env, rules=None, envdir=None, cwd=None):
-        """Start `[envdir DIR] tcpserver ... 127.0.0.1 PORT qmail-smtpd-py`; returns the port."""
-        require_tools("tcpserver")
-        require_server()
-        for attempt in range(5):
-            port = free_port()
-            cmd = ["tcpserver", "-v", "-R", "-H", "-l", "mx.test", "-c", "10"]
-            if rules:
-                cmd += ["-x", rules]
-            cmd += ["127.0.0.1", str(port), SERVER]
-            if envdir:
-                require_tools("envdir")
-                cmd = ["envdir", envdir] + cmd
-            log = self.tmp / ("tcpserver-%d.log" % len(self.procs))
-            with open(log, "wb") as logf:
-                p = subprocess.Popen(cmd, env=env, cwd=cwd or str(self.tmp),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=logf, start_new_session=True)
-            self.procs.append(p)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                text = log.read_bytes()
-                if b"status: 0/" in text:
-                    return port
-                if p.poll() is not None:
-                    break
-                time.sleep(0.05)
-            self.stop(p)
-            if b"unable to bind" not in log.read_bytes():
-                pytest.fail("tcpserver did not start: %r" % log.read_bytes())
-        pytest.fail("tcpserver could not bind a free port")
-
-    def stop(self, p):
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except OSError:
-                pass
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-
-    def stop_all(self):
-        for p in self.procs:
-            self.stop(p)
-
-
-@pytest.fixture
-def tcpservers(tmp_path):
-    servers = TcpServers(tmp_path)
-    try:
-        yield servers
-    finally:
-        servers.stop_all()
-
-
-def plain_env(home, **extra):
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "QMAILHOME": home.path,
-           "QMAILQUEUE": home.queue.path}
-    env.update(extra)
-    return env
 
 
 def swaks(port, *args):
@@ -122,7 +41,7 @@ def tcprules(tmp_path, name, text):
 
 
 def test_swaks_delivery_into_the_queue(tcpservers, home):
-    port = tcpservers.start(plain_env(home))
+    port = tcpservers.start(home).port
     status, transcript = swaks(port, "--to", "u@example.com",
                                "--header", "Subject: swaks test", "--body", "hello from swaks")
     assert status == 0, transcript
@@ -135,7 +54,7 @@ def test_swaks_delivery_into_the_queue(tcpservers, home):
 
 
 def test_smtplib_delivery_with_dot_stuffing(tcpservers, home):
-    port = tcpservers.start(plain_env(home))
+    port = tcpservers.start(home).port
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=20) as s:
         assert s.ehlo() == (250, b"mx.example.org\nPIPELINING\n8BITMIME")
         refused = s.sendmail("a@b.c", ["u@example.com", "v@x.sub.example.net"],
@@ -162,7 +81,7 @@ def try_relay(port):
 
 def test_tcprules_relayclient_allows_relaying(tcpservers, home, tmp_path):
     rules = tcprules(tmp_path, "relay", b'127.0.0.1:allow,RELAYCLIENT=""\n:allow\n')
-    port = tcpservers.start(plain_env(home), rules=rules)
+    port = tcpservers.start(home, rules=rules).port
     assert try_relay(port) == (250, b"ok")
     (msg,) = home.queued()
     assert msg.envelope == b"Fa@b.c\0Tu@elsewhere.org\0\0"
@@ -170,14 +89,14 @@ def test_tcprules_relayclient_allows_relaying(tcpservers, home, tmp_path):
 
 def test_tcprules_without_relayclient_refuses_relaying(tcpservers, home, tmp_path):
     rules = tcprules(tmp_path, "norelay", b"127.0.0.1:allow\n:allow\n")
-    port = tcpservers.start(plain_env(home), rules=rules)
+    port = tcpservers.start(home, rules=rules).port
     assert try_relay(port) == (553, NOGATEWAY)
     assert home.queued() == []
 
 
 def test_tcprules_relayclient_suffix(tcpservers, home, tmp_path):
     rules = tcprules(tmp_path, "suffix", b'127.0.0.1:allow,RELAYCLIENT="+gw"\n')
-    port = tcpservers.start(plain_env(home), rules=rules)
+    port = tcpservers.start(home, rules=rules).port
     assert try_relay(port) == (250, b"ok")
     assert home.queued()[0].recipients == [b"u@elsewhere.org+gw"]
 
@@ -194,8 +113,7 @@ def test_envdir_run_delivers_into_maildir(tcpservers, home, tmp_path):
     for name, value in {"QMAILHOME": home.path, "QMAILQUEUE": QUEUE_MAILDIR,
                         "MAILDIR": str(maildir), "DATABYTES": "2000"}.items():
         (envdir / name).write_text(value + "\n")
-    port = tcpservers.start({"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-                            envdir="./env", cwd=str(tmp_path))
+    port = tcpservers.start(envdir="./env", cwd=str(tmp_path)).port
 
     status, transcript = swaks(port, "--to", "u@example.com",
                                "--header", "Subject: maildir test", "--body", "into the Maildir")

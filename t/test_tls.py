@@ -16,16 +16,14 @@ Received line without HELO part reads `from unknown (127.0.0.1)`.
 
 import os
 import re
-import signal
 import smtplib
 import socket
 import ssl
 import subprocess
-import time
 
 import pytest
 
-from helpers import SERVER, norm, require_server, require_tools, run_smtp
+from helpers import EnvQueue, norm, require_tools, run_smtp
 
 GREETING = b"220 mx.example.org ESMTP\r\n"
 EHLO_TLS = b"250-mx.example.org\r\n250-STARTTLS\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
@@ -148,110 +146,7 @@ def cert_home(make_home, certs):
                               "tlsclients": JOE + "\n"})
 
 
-# ------------------------------------------------------------------ tcpserver
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, port, log):
-        self.port = port
-        self.log = log
-
-    def statuses(self, count):
-        """The wait statuses tcpserver logged for the first `count` finished connections
-        (waits for them; exit 1 is 256)."""
-        deadline = time.monotonic() + IO_TIMEOUT
-        while True:
-            found = [int(s) for s in re.findall(rb"end \d+ status (\d+)", self.log.read_bytes())]
-            if len(found) >= count or time.monotonic() > deadline:
-                return found
-            time.sleep(0.02)
-
-    def log_text(self):
-        return self.log.read_bytes()
-
-
-class Servers:
-    """`tcpserver -v -R -H -l mx.test 127.0.0.1 PORT qmail-smtpd-py ARGS`, killed (with
-    its children) at teardown."""
-
-    def __init__(self, tmp_path):
-        self.tmp = tmp_path
-        self.procs = []
-
-    def start(self, home, env=None, args=()):
-        require_tools("tcpserver")
-        require_server()
-        full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "QMAILHOME": home.path,
-                    "QMAILQUEUE": home.queue.path}
-        full_env.update(env or {})
-        for attempt in range(5):
-            port = free_port()
-            log = self.tmp / ("tcpserver-%d.log" % len(self.procs))
-            cmd = ["tcpserver", "-v", "-R", "-H", "-l", "mx.test", "-c", "10",
-                   "127.0.0.1", str(port), SERVER, *args]
-            with open(log, "wb") as logf:
-                p = subprocess.Popen(cmd, env=full_env, cwd=str(self.tmp),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=logf, start_new_session=True)
-            self.procs.append(p)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                if b"status: 0/" in log.read_bytes():
-                    return Server(port, log)
-                if p.poll() is not None:
-                    break
-                time.sleep(0.02)
-            self.stop(p)
-            if b"unable to bind" not in log.read_bytes():
-                pytest.fail("tcpserver did not start: %r" % log.read_bytes())
-        pytest.fail("tcpserver could not bind a free port")
-
-    def stop(self, p):
-        if p.poll() is None:
-            try:
-                os.killpg(p.pid, signal.SIGTERM)
-            except OSError:
-                pass
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
-
-    def stop_all(self):
-        for p in self.procs:
-            self.stop(p)
-
-
-@pytest.fixture
-def servers(tmp_path):
-    s = Servers(tmp_path)
-    try:
-        yield s
-    finally:
-        s.stop_all()
-
-
-def env_recording_queue(home):
-    """Put a wrapper in front of the fake queue that saves its environment; returns a
-    function giving the last queue run's environment as a dict of bytes."""
-    path = os.path.join(home.root, "queue-env-wrapper")
-    saved = os.path.join(home.root, "queue.env")
-    with open(path, "w") as f:
-        f.write("#!/bin/sh\nenv -0 > '%s'\nexec '%s'\n" % (saved, home.queue.path))
-    os.chmod(path, 0o755)
-
-    def last_env():
-        with open(saved, "rb") as f:
-            return dict(item.split(b"=", 1) for item in f.read().split(b"\0") if item)
-
-    return path, last_env
+# ------------------------------------------------------------------ tcpserver clients
 
 
 def smtp(server, **kw):
@@ -439,8 +334,8 @@ def test_pipe_without_policies_mail_and_auth_work_in_clear(tls_home):
 # ------------------------------------------------------------------ real clients: STARTTLS
 
 
-def test_swaks_starttls_delivers_with_esmtps(servers, tls_home, certs):
-    server = servers.start(tls_home)
+def test_swaks_starttls_delivers_with_esmtps(tcpservers, tls_home, certs):
+    server = tcpservers.start(tls_home)
     status, transcript = swaks(server, "--tls", "--tls-verify", "--tls-ca-path", certs.ca,
                                "--to", "u@example.com", "--header", "Subject: over tls",
                                "--body", "secret body")
@@ -456,9 +351,9 @@ def test_swaks_starttls_delivers_with_esmtps(servers, tls_home, certs):
     assert b"\n\nsecret body\n" in msg.message
 
 
-def test_openssl_s_client_starttls(servers, tls_home, certs):
+def test_openssl_s_client_starttls(tcpservers, tls_home, certs):
     require_tools("openssl")
-    server = servers.start(tls_home)
+    server = tcpservers.start(tls_home)
     p = subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % server.port,
                         "-starttls", "smtp", "-CAfile", certs.ca, "-verify_return_error",
                         "-verify_hostname", "mx.test", "-quiet", "-crlf"],
@@ -469,10 +364,10 @@ def test_openssl_s_client_starttls(servers, tls_home, certs):
     assert server.statuses(1) == [0]
 
 
-def test_smtplib_starttls_received_and_helo_reset(servers, tls_home, certs):
+def test_smtplib_starttls_received_and_helo_reset(tcpservers, tls_home, certs):
     """After the handshake the HELO is forgotten: a message sent without a new EHLO has
     no HELO part; after EHLO again it has the new name. Protocol ESMTPS (cipher)."""
-    server = servers.start(tls_home)
+    server = tcpservers.start(tls_home)
     with smtp(server) as s:
         code, text = s.ehlo()
         assert (code, text) == (250, b"mx.example.org\nSTARTTLS\nPIPELINING\n8BITMIME")
@@ -490,8 +385,8 @@ def test_smtplib_starttls_received_and_helo_reset(servers, tls_home, certs):
     assert second.envelope == b"Fa@b.c\0Tv@example.com\0\0"
 
 
-def test_starttls_twice_is_502_and_session_goes_on(servers, tls_home, certs):
-    server = servers.start(tls_home)
+def test_starttls_twice_is_502_and_session_goes_on(tcpservers, tls_home, certs):
+    server = tcpservers.start(tls_home)
     with smtp(server) as s:
         s.ehlo()
         assert s.starttls(context=client_context(certs)) == (220, b"ready for tls")
@@ -502,8 +397,8 @@ def test_starttls_twice_is_502_and_session_goes_on(servers, tls_home, certs):
     assert len(tls_home.queued()) == 1
 
 
-def test_starttls_with_argument_then_real_starttls(servers, tls_home, certs):
-    server = servers.start(tls_home)
+def test_starttls_with_argument_then_real_starttls(tcpservers, tls_home, certs):
+    server = tcpservers.start(tls_home)
     raw = Raw(server)
     try:
         assert raw.reply() == GREETING
@@ -520,9 +415,9 @@ def test_starttls_with_argument_then_real_starttls(servers, tls_home, certs):
         raw.close()
 
 
-def test_open_transaction_survives_starttls(servers, tls_home, certs):
+def test_open_transaction_survives_starttls(tcpservers, tls_home, certs):
     """§7: the handshake resets the HELO, not the MAIL already given."""
-    server = servers.start(tls_home)
+    server = tcpservers.start(tls_home)
     raw = Raw(server)
     try:
         assert raw.reply() == GREETING
@@ -547,10 +442,10 @@ def test_open_transaction_survives_starttls(servers, tls_home, certs):
                                          b"with ESMTPS (")
 
 
-def test_pipelined_command_after_starttls_is_not_executed(servers, tls_home, certs):
+def test_pipelined_command_after_starttls_is_not_executed(tcpservers, tls_home, certs):
     """The command-injection probe: NOOP written together with STARTTLS must not be
     answered inside TLS; the first reply after the handshake is the EHLO's."""
-    server = servers.start(tls_home)
+    server = tcpservers.start(tls_home)
     raw = Raw(server)
     try:
         assert raw.reply() == GREETING
@@ -568,8 +463,8 @@ def test_pipelined_command_after_starttls_is_not_executed(servers, tls_home, cer
     assert server.statuses(1) == [0]
 
 
-def test_pipelined_mail_transaction_after_starttls_is_not_queued(servers, tls_home, certs):
-    server = servers.start(tls_home)
+def test_pipelined_mail_transaction_after_starttls_is_not_queued(tcpservers, tls_home, certs):
+    server = tcpservers.start(tls_home)
     raw = Raw(server)
     try:
         assert raw.reply() == GREETING
@@ -587,9 +482,9 @@ def test_pipelined_mail_transaction_after_starttls_is_not_queued(servers, tls_ho
     assert tls_home.queue.runs() == 0
 
 
-def test_broken_certificate_454_then_session_continues_in_clear(servers, make_home):
+def test_broken_certificate_454_then_session_continues_in_clear(tcpservers, make_home):
     home = make_home(control={"servercert.pem": "-----BEGIN CERTIFICATE-----\nnope\n"})
-    server = servers.start(home)
+    server = tcpservers.start(home)
     with smtp(server) as s:
         code, text = s.ehlo()
         assert code == 250 and b"\nSTARTTLS\n" in text  # advertised: the file exists
@@ -603,8 +498,8 @@ def test_broken_certificate_454_then_session_continues_in_clear(servers, make_ho
     assert server.statuses(1) == [0]
 
 
-def test_handshake_failure_is_454_in_clear_and_exit_1(servers, tls_home):
-    server = servers.start(tls_home)
+def test_handshake_failure_is_454_in_clear_and_exit_1(tcpservers, tls_home):
+    server = tcpservers.start(tls_home)
     raw = Raw(server)
     try:
         assert raw.reply() == GREETING
@@ -623,10 +518,10 @@ def test_handshake_failure_is_454_in_clear_and_exit_1(servers, tls_home):
     assert tls_home.queue.runs() == 0
 
 
-def test_handshake_failure_on_client_cipher_mismatch(servers, make_home, certs):
+def test_handshake_failure_on_client_cipher_mismatch(tcpservers, make_home, certs):
     home = make_home(control={"servercert.pem": certs.read("server"),
                               "tlsserverciphers": "ECDHE-RSA-AES128-GCM-SHA256\n"})
-    server = servers.start(home)
+    server = tcpservers.start(home)
     ctx = client_context(certs, max_version=ssl.TLSVersion.TLSv1_2,
                          ciphers="ECDHE-RSA-CHACHA20-POLY1305")
     with smtp(server) as s:
@@ -637,12 +532,12 @@ def test_handshake_failure_on_client_cipher_mismatch(servers, make_home, certs):
     assert b"TLS handshake failed" in server.log_text()
 
 
-def test_tlsserverciphers_lines_joined_and_tlsciphers_overrides(servers, make_home, certs):
+def test_tlsserverciphers_lines_joined_and_tlsciphers_overrides(tcpservers, make_home, certs):
     home = make_home(control={"servercert.pem": certs.read("server"),
                               "tlsserverciphers": "ECDHE-RSA-AES256-GCM-SHA384\n"
                                                   "ECDHE-RSA-AES128-GCM-SHA256\n"})
-    by_file = servers.start(home)
-    by_env = servers.start(home, env={"TLSCIPHERS": "ECDHE-RSA-CHACHA20-POLY1305"})
+    by_file = tcpservers.start(home)
+    by_env = tcpservers.start(home, env={"TLSCIPHERS": "ECDHE-RSA-CHACHA20-POLY1305"})
 
     def deliver(server, cipher):
         ctx = client_context(certs, max_version=ssl.TLSVersion.TLSv1_2, ciphers=cipher)
@@ -669,8 +564,8 @@ def test_tlsserverciphers_lines_joined_and_tlsciphers_overrides(servers, make_ho
 # ------------------------------------------------------------------ SMTPS (port-465 style)
 
 
-def test_swaks_smtps_delivers_with_esmtps(servers, tls_home, certs):
-    server = servers.start(tls_home, env={"SMTPS": ""})
+def test_swaks_smtps_delivers_with_esmtps(tcpservers, tls_home, certs):
+    server = tcpservers.start(tls_home, env={"SMTPS": ""})
     status, transcript = swaks(server, "--tlsc", "--tls-verify", "--tls-ca-path", certs.ca,
                                "--to", "u@example.com", "--body", "implicit tls")
     assert status == 0, transcript
@@ -681,8 +576,8 @@ def test_swaks_smtps_delivers_with_esmtps(servers, tls_home, certs):
     assert norm(msg.received) == received(esmtps(swaks_cipher(transcript)), b"client.test")
 
 
-def test_smtplib_smtp_ssl(servers, tls_home, certs):
-    server = servers.start(tls_home, env={"SMTPS": ""})
+def test_smtplib_smtp_ssl(tcpservers, tls_home, certs):
+    server = tcpservers.start(tls_home, env={"SMTPS": ""})
     with smtplib.SMTP_SSL("127.0.0.1", server.port, local_hostname="client.test",
                           timeout=IO_TIMEOUT, context=client_context(certs)) as s:
         cipher = s.sock.cipher()[0]
@@ -693,8 +588,8 @@ def test_smtplib_smtp_ssl(servers, tls_home, certs):
     assert norm(msg.received) == received(esmtps(cipher), b"client.test")
 
 
-def test_smtps_plaintext_client_gets_no_greeting(servers, tls_home):
-    server = servers.start(tls_home, env={"SMTPS": ""})
+def test_smtps_plaintext_client_gets_no_greeting(tcpservers, tls_home):
+    server = tcpservers.start(tls_home, env={"SMTPS": ""})
     raw = Raw(server)
     try:
         raw.send(b"EHLO c.test\r\n")
@@ -727,9 +622,9 @@ def relay_attempt(server, certs, cert, home=None):
         return reply, s.sock.cipher()[0]
 
 
-def test_listed_client_certificate_allows_relaying(servers, cert_home, certs):
-    queue, last_env = env_recording_queue(cert_home)
-    server = servers.start(cert_home, env={"QMAILQUEUE": queue})
+def test_listed_client_certificate_allows_relaying(tcpservers, cert_home, certs):
+    queue = EnvQueue(cert_home)
+    server = tcpservers.start(cert_home, env={"QMAILQUEUE": queue.path})
     reply, cipher = relay_attempt(server, certs, certs.joe)
     assert reply == (250, b"ok")
     (msg,) = cert_home.queued()
@@ -738,11 +633,11 @@ def test_listed_client_certificate_allows_relaying(servers, cert_home, certs):
         b"Received: from unknown (HELO client.test) (127.0.0.1)\n  by mx.test with "
         + esmtps(cipher) + b"\n  (cert " + JOE.encode() + b"); <DATE>\n"
         + b"Subject: relayed\n")
-    assert last_env().get(b"RELAYCLIENT") == b""
+    assert queue.environ().get(b"RELAYCLIENT") == b""
 
 
-def test_swaks_with_listed_client_certificate_relays(servers, cert_home, certs):
-    server = servers.start(cert_home)
+def test_swaks_with_listed_client_certificate_relays(tcpservers, cert_home, certs):
+    server = tcpservers.start(cert_home)
     status, transcript = swaks(server, "--tls", "--tls-cert", certs.joe, "--tls-key",
                                certs.joe_key, "--to", "u@elsewhere.org")
     assert status == 0, transcript
@@ -756,21 +651,21 @@ def test_swaks_with_listed_client_certificate_relays(servers, cert_home, certs):
     ("anon", b": contains no email address"),
     (None, b""),
 ])
-def test_client_certificate_refusals(servers, cert_home, certs, cert, reason):
-    queue, last_env = env_recording_queue(cert_home)
-    server = servers.start(cert_home, env={"QMAILQUEUE": queue})
+def test_client_certificate_refusals(tcpservers, cert_home, certs, cert, reason):
+    queue = EnvQueue(cert_home)
+    server = tcpservers.start(cert_home, env={"QMAILQUEUE": queue.path})
     reply, cipher = relay_attempt(server, certs, cert and getattr(certs, cert))
     assert reply == (553, NOGWCERT + reason + b" (#5.7.1)")
     (msg,) = cert_home.queued()  # the local message
     assert msg.recipients == [b"u@example.com"]
     assert norm(msg.received) == received(esmtps(cipher), b"client.test")
-    assert b"RELAYCLIENT" not in last_env()
+    assert b"RELAYCLIENT" not in queue.environ()
 
 
-def test_refused_certificate_is_judged_once(servers, cert_home, certs):
+def test_refused_certificate_is_judged_once(tcpservers, cert_home, certs):
     """Only the first refused RCPT looks at the certificate: listing its address
     afterwards does not help within the same connection (the next one relays)."""
-    server = servers.start(cert_home)
+    server = tcpservers.start(cert_home)
     expected = (553, NOGWCERT + b": email address not in my list of tlsclients (#5.7.1)")
     with smtp(server) as s:
         s.ehlo()
@@ -784,24 +679,24 @@ def test_refused_certificate_is_judged_once(servers, cert_home, certs):
     assert reply == (250, b"ok")
 
 
-def test_relaying_by_certificate_needs_tls(servers, cert_home):
-    server = servers.start(cert_home)
+def test_relaying_by_certificate_needs_tls(tcpservers, cert_home):
+    server = tcpservers.start(cert_home)
     with smtp(server) as s:
         s.ehlo()
         s.mail("a@b.c")
         assert s.rcpt("u@elsewhere.org") == (553, NOGATEWAY)
 
 
-def test_without_tlsclients_a_certificate_does_not_relay(servers, make_home, certs):
+def test_without_tlsclients_a_certificate_does_not_relay(tcpservers, make_home, certs):
     home = make_home(control={"servercert.pem": certs.read("server"),
                               "clientca.pem": certs.read("ca")})
-    server = servers.start(home)
+    server = tcpservers.start(home)
     reply, _ = relay_attempt(server, certs, certs.joe)
     assert reply == (553, NOGWCERT + b" (#5.7.1)")
 
 
 def test_client_certificate_is_asked_for_only_with_clientca_and_tlsclients(
-        servers, cert_home, tls_home, certs):
+        tcpservers, cert_home, tls_home, certs):
     """s_client prints the CertificateRequest's signature algorithms only when the server
     sent one; without a client certificate the handshake still succeeds (not required)."""
     require_tools("openssl")
@@ -815,15 +710,15 @@ def test_client_certificate_is_asked_for_only_with_clientca_and_tlsclients(
         assert b"221 mx.example.org" in p.stdout, p.stdout
         return p.stdout
 
-    assert b"Requested Signature Algorithms" in s_client(servers.start(cert_home))
-    assert b"Requested Signature Algorithms" not in s_client(servers.start(tls_home))
+    assert b"Requested Signature Algorithms" in s_client(tcpservers.start(cert_home))
+    assert b"Requested Signature Algorithms" not in s_client(tcpservers.start(tls_home))
 
 
-def test_untrusted_client_certificate_gets_553_with_verify_error(servers, cert_home, certs):
+def test_untrusted_client_certificate_gets_553_with_verify_error(tcpservers, cert_home, certs):
     """§7: a certificate that does not verify against clientca.pem is no reason to drop
     the connection; the refused RCPT says why (the X509 verify error text) and local mail
     is still accepted."""
-    server = servers.start(cert_home)
+    server = tcpservers.start(cert_home)
     reply, _ = relay_attempt(server, certs, certs.rogue)
     assert reply == (553, NOGWCERT + b": unable to get local issuer certificate (#5.7.1)")
     assert len(cert_home.queued()) == 1
@@ -833,10 +728,10 @@ def test_untrusted_client_certificate_gets_553_with_verify_error(servers, cert_h
     ("joe", (250, b"ok")),
     ("revoked", (553, NOGWCERT + b": certificate revoked (#5.7.1)")),
 ])
-def test_clientcrl_revokes_client_certificates(servers, cert_home, certs, cert, reply):
+def test_clientcrl_revokes_client_certificates(tcpservers, cert_home, certs, cert, reply):
     """§7: control/clientcrl.pem (CRLs for the client certificates) is checked."""
     cert_home.control("clientcrl.pem", certs.read("crl"))
-    server = servers.start(cert_home)
+    server = tcpservers.start(cert_home)
     assert relay_attempt(server, certs, getattr(certs, cert))[0] == reply
     assert len(cert_home.queued()) == 1
 
@@ -859,8 +754,8 @@ def checkpassword(home):
     return path
 
 
-def test_forcetls_auth_only_inside_tls_and_esmtpa_wins(servers, tls_home, certs):
-    server = servers.start(tls_home, env={"SMTPAUTH": "", "FORCETLS": "1"},
+def test_forcetls_auth_only_inside_tls_and_esmtpa_wins(tcpservers, tls_home, certs):
+    server = tcpservers.start(tls_home, env={"SMTPAUTH": "", "FORCETLS": "1"},
                            args=(checkpassword(tls_home), "/bin/true"))
     with smtp(server) as s:
         code, text = s.ehlo()
@@ -876,8 +771,8 @@ def test_forcetls_auth_only_inside_tls_and_esmtpa_wins(servers, tls_home, certs)
     assert norm(msg.received) == received(b"ESMTPA", b"client.test", b"joe")
 
 
-def test_auth_in_clear_without_forcetls(servers, tls_home):
-    server = servers.start(tls_home, env={"SMTPAUTH": ""},
+def test_auth_in_clear_without_forcetls(tcpservers, tls_home):
+    server = tcpservers.start(tls_home, env={"SMTPAUTH": ""},
                            args=(checkpassword(tls_home), "/bin/true"))
     with smtp(server) as s:
         code, text = s.ehlo()
@@ -885,8 +780,8 @@ def test_auth_in_clear_without_forcetls(servers, tls_home):
         assert s.login("joe", "secret")[0] == 235
 
 
-def test_tlsrequired_mail_only_after_starttls(servers, tls_home, certs):
-    server = servers.start(tls_home, env={"TLSREQUIRED": "1"})
+def test_tlsrequired_mail_only_after_starttls(tcpservers, tls_home, certs):
+    server = tcpservers.start(tls_home, env={"TLSREQUIRED": "1"})
     with smtp(server) as s:
         s.ehlo()
         assert s.mail("a@b.c") == (530, b"Must issue a STARTTLS command first (#5.7.0)")

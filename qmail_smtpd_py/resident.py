@@ -1,0 +1,226 @@
+"""Resident mode: `qmail-smtpd-py serve [-x RULES.cdb] [-c MAXCONN] HOST PORT`.
+
+Theory of operation.  tcpserver starts a new interpreter for every
+connection.  Here one process imports everything once, listens (on its own
+socket, or on one handed over by systemd through LISTEN_FDS), and forks one
+child per connection.  The child gets the environment a `tcpserver -H -R`
+child would get (PROTO, TCPLOCALIP, TCPLOCALPORT, TCPLOCALHOST with -l,
+TCPREMOTEIP, TCPREMOTEPORT, and what the tcprules CDB file assigns), puts
+the connection on fd 0 and 1 and runs the very same session code as the
+tcpserver path (server.serve).  The parent never touches a connection's
+bytes: it accepts, forks, reaps and counts.
+
+Signals arrive through a wakeup pipe watched with the listening socket, so
+SIGCHLD reaps at once and SIGTERM stops accepting at once; on SIGTERM the
+running sessions are allowed to finish (drain) before the process exits.
+"""
+
+import os
+import select
+import signal
+import socket
+
+import attrs
+
+from . import server
+from .cdb import Cdb, CdbError
+
+# Everything a session may need, imported once in the parent (the children
+# inherit it with the fork instead of importing it again).
+from . import auth, extfork, plugin_process, queue, session, spp, tls  # noqa: F401
+
+SD_LISTEN_FDS_START = 3
+
+
+@attrs.frozen
+class Options:
+    host: str
+    port: int
+    rules: str = None            # tcprules CDB file (-x)
+    max_connections: int = 40    # -c, as tcpserver's default
+    local_name: str = None       # -l: TCPLOCALHOST
+    backlog: int = 128
+    qmail_home: bytes = None
+    args: tuple = ()             # the checkpassword command line, as for the tcpserver path
+
+
+def rules_lookup(path, ip):
+    """tcpserver's rule search for `ip` in a tcprules CDB file: the address,
+    then each prefix ending in '.' (or ':'), then the empty default key.
+    Returns (deny, {name: value}), or None if no rule matched."""
+    with open(path, "rb") as f:
+        cdb = Cdb(f.fileno())
+        keys = [ip] + [ip[:i + 1] for i in range(len(ip) - 1, -1, -1) if ip[i] in b".:"]
+        for key in keys + [b""]:
+            data = cdb.get(key)
+            if data is not None:
+                return _parse_rule(data)
+    return None
+
+
+def _parse_rule(data):
+    deny, env = False, {}
+    for entry in data.split(b"\0"):
+        if entry == b"D":
+            deny = True
+        elif entry[:1] == b"+" and b"=" in entry:
+            name, _, value = entry[1:].partition(b"=")
+            env[name] = value
+    return deny, env
+
+
+def connection_env(base, local, remote, local_name):
+    """The environment of a `tcpserver -H -R [-l NAME]` child."""
+    env = dict(base)
+    for name in (b"TCPREMOTEHOST", b"TCPREMOTEINFO", b"LISTEN_FDS", b"LISTEN_PID",
+                 b"LISTEN_FDNAMES"):
+        env.pop(name, None)
+    env[b"PROTO"] = b"TCP"
+    env[b"TCPLOCALIP"] = local[0].encode()
+    env[b"TCPLOCALPORT"] = b"%d" % local[1]
+    env[b"TCPREMOTEIP"] = remote[0].encode()
+    env[b"TCPREMOTEPORT"] = b"%d" % remote[1]
+    if local_name is not None:
+        env[b"TCPLOCALHOST"] = local_name.encode()
+    return env
+
+
+class Resident:
+    def __init__(self, options, log=server.log):
+        self.options = options
+        self.log = log
+        self.children = set()
+        self.stopping = False
+        self.listener = None
+
+    # ------------------------------------------------------------ parent
+
+    def listen(self):
+        """The listening socket: systemd's (LISTEN_FDS) or our own."""
+        if (os.environ.get("LISTEN_PID") == str(os.getpid())
+                and int(os.environ.get("LISTEN_FDS", "0")) >= 1):
+            sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+        else:
+            family = socket.AF_INET6 if ":" in self.options.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.options.host, self.options.port))
+            sock.listen(self.options.backlog)
+        sock.setblocking(False)
+        self.listener = sock
+        return sock
+
+    def run(self):
+        """Accept until SIGTERM, then wait for the running sessions; returns 0."""
+        listener = self.listener or self.listen()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        signal.signal(signal.SIGCHLD, lambda signo, frame: None)
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        self._status()
+        try:
+            while not self.stopping:
+                watched = [wake_r]
+                if len(self.children) < self.options.max_connections:
+                    watched.append(listener)
+                readable, _, _ = select.select(watched, [], [])
+                if wake_r in readable:
+                    _drain(wake_r)
+                self._reap()
+                if listener in readable and not self.stopping:
+                    self._accept(listener, (wake_r, wake_w))
+            listener.close()
+            while self.children:  # drain: let the sessions finish
+                select.select([wake_r], [], [])
+                _drain(wake_r)
+                self._reap()
+        finally:
+            signal.set_wakeup_fd(-1)
+            os.close(wake_r)
+            os.close(wake_w)
+        return 0
+
+    def _stop(self, signo, frame):
+        if not self.stopping:
+            self.stopping = True
+            self.log("serve: got signal %d: no more connections, %d running"
+                     % (signo, len(self.children)))
+
+    def _status(self):
+        self.log("serve: status: %d/%d" % (len(self.children), self.options.max_connections))
+
+    def _accept(self, listener, wakeup):
+        try:
+            conn, remote = listener.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        try:
+            pid = os.fork()
+        except OSError as e:
+            self.log("serve: unable to fork: %s" % e)
+            conn.close()
+            return
+        if pid == 0:  # the child never returns
+            self._child(conn, remote, wakeup)
+        conn.close()
+        self.children.add(pid)
+        self.log("serve: pid %d from %s" % (pid, remote[0]))
+        self._status()
+
+    def _reap(self):
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            if pid in self.children:
+                self.children.discard(pid)
+                self.log("serve: end %d status %d" % (pid, status))
+                self._status()
+
+    # ------------------------------------------------------------ child
+
+    def _child(self, conn, remote, wakeup):
+        code = 111
+        try:
+            self.listener.close()
+            signal.set_wakeup_fd(-1)
+            for fd in wakeup:
+                os.close(fd)
+            for signo in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT):
+                signal.signal(signo, signal.SIG_DFL)
+            local = conn.getsockname()
+            os.dup2(conn.fileno(), 0)
+            os.dup2(conn.fileno(), 1)
+            conn.close()
+            env = connection_env(os.environb, local, remote, self.options.local_name)
+            if self.options.rules is not None:
+                try:
+                    rule = rules_lookup(self.options.rules, env[b"TCPREMOTEIP"])
+                except (OSError, CdbError) as e:
+                    self.log("serve: unable to read %s: %s" % (self.options.rules, e))
+                    os._exit(111)
+                if rule is not None:
+                    deny, assignments = rule
+                    if deny:
+                        self.log("serve: deny %d %s" % (os.getpid(), remote[0]))
+                        os._exit(100)
+                    env.update(assignments)
+            code = server.serve(self.options.args, self.options.qmail_home, env)
+        except BaseException as e:  # never return into the parent's loop
+            self.log("serve: child failed: %s: %s" % (type(e).__name__, e))
+        os._exit(code)
+
+
+def _drain(fd):
+    try:
+        while os.read(fd, 512):
+            pass
+    except BlockingIOError:
+        pass
