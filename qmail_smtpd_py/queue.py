@@ -69,7 +69,7 @@ class QueueProcess:
         self.failed = False  # a write failed; nothing more is written
         pipes = [os.pipe() for _ in range(3)]
         (msg_r, self.msg), (env_r, self.envelope), (self.err, err_w) = pipes
-        child_ends = [_above(fd, 6) for fd in (msg_r, env_r, err_w)]
+        child_ends = [_off_targets(fd, (0, 1, 6)) for fd in (msg_r, env_r, err_w)]
         actions = [(os.POSIX_SPAWN_DUP2, fd, target)
                    for fd, target in zip(child_ends, (0, 1, 6))]
         try:
@@ -134,12 +134,12 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def _above(fd, highest):
-    """A copy of fd numbered above `highest`, so that the dup2 actions that
-    put the pipes on fds 0, 1 and 6 of the child cannot collide."""
-    if fd > highest:
+def _off_targets(fd, targets):
+    """fd itself, or a copy of it if it is one of the numbers the child's
+    dup2 actions write to: dup2(6, 6) would leave close-on-exec set.  A
+    copy made while fd is open never gets fd's number."""
+    if fd not in targets:
         return fd
-    import fcntl
-    new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, highest + 1)
+    new = os.dup(fd)
     os.close(fd)
     return new

@@ -15,12 +15,13 @@ SIGCHLD reaps at once and SIGTERM stops accepting at once; on SIGTERM the
 running sessions are allowed to finish (drain) before the process exits.
 """
 
+import gc
+import getopt
 import os
 import select
 import signal
 import socket
-
-import attrs
+import sys
 
 from . import server
 from .cdb import Cdb, CdbError
@@ -32,16 +33,91 @@ from . import auth, extfork, plugin_process, queue, session, spp, tls  # noqa: F
 SD_LISTEN_FDS_START = 3
 
 
-@attrs.frozen
+USAGE = """usage: qmail-smtpd-py serve [-x RULES.cdb] [-c MAXCONN] [-l LOCALNAME] [-b BACKLOG]
+                            [--qmail-home DIR] HOST PORT [CHECKPASSWORD ...]
+
+Resident mode: accept SMTP connections on HOST PORT (tcpserver's order) and
+fork one session per connection, with the environment a `tcpserver -H -R`
+child gets.  Everything is imported once, so a session costs a fork
+instead of a new interpreter.
+
+  -x RULES.cdb  tcprules CDB file: deny, or set variables per client address
+  -c MAXCONN    most sessions at once (default 40); further connections wait
+  -l LOCALNAME  TCPLOCALHOST for the sessions (names are never looked up)
+  -b BACKLOG    listen backlog (default 128)
+  -H, -R        accepted for tcpserver compatibility
+  --qmail-home  qmail home (default $QMAILHOME or /var/qmail)
+
+With systemd socket activation (LISTEN_FDS, LISTEN_PID) the socket on fd 3
+is used and HOST PORT may be left out.  SIGTERM: stop accepting, let the
+running sessions finish, exit 0.
+"""
+
+
 class Options:
-    host: str
-    port: int
-    rules: str = None            # tcprules CDB file (-x)
-    max_connections: int = 40    # -c, as tcpserver's default
-    local_name: str = None       # -l: TCPLOCALHOST
-    backlog: int = 128
-    qmail_home: bytes = None
-    args: tuple = ()             # the checkpassword command line, as for the tcpserver path
+    """The serve command line.  getopt, not click: this process forks for
+    every connection, and each imported module makes every fork dearer."""
+
+    __slots__ = ("host", "port", "rules", "max_connections", "local_name", "backlog",
+                 "qmail_home", "args")
+
+    def __init__(self, host="0.0.0.0", port=0, rules=None, max_connections=40,
+                 local_name=None, backlog=128, qmail_home=None, args=()):
+        self.host = host
+        self.port = port
+        self.rules = rules                      # tcprules CDB file (-x)
+        self.max_connections = max_connections  # -c, tcpserver's default
+        self.local_name = local_name            # -l: TCPLOCALHOST
+        self.backlog = backlog
+        self.qmail_home = qmail_home
+        self.args = args                        # the checkpassword command line
+
+    @classmethod
+    def parse(cls, argv, environ):
+        """Options from the arguments after `serve`; raises ValueError."""
+        try:
+            opts, rest = getopt.getopt(argv, "x:c:l:b:HRh", ["qmail-home=", "help"])
+        except getopt.GetoptError as e:
+            raise ValueError(str(e)) from None
+        options = cls()
+        for flag, value in opts:
+            if flag in ("-h", "--help"):
+                sys.stdout.write(USAGE)
+                raise SystemExit(0)
+            if flag == "-x":
+                options.rules = value
+            elif flag == "-l":
+                options.local_name = value
+            elif flag == "--qmail-home":
+                options.qmail_home = os.fsencode(value)
+            elif flag in ("-c", "-b"):
+                if not value.isdigit() or int(value) < 1:
+                    raise ValueError("%s needs a positive number" % flag)
+                setattr(options, "max_connections" if flag == "-c" else "backlog", int(value))
+        socket_activated = socket_activation(environ)
+        if len(rest) >= 2 and rest[1].isdigit():
+            options.host, options.port, rest = rest[0], int(rest[1]), rest[2:]
+        elif not socket_activated:
+            raise ValueError("HOST and PORT are required without LISTEN_FDS")
+        options.args = tuple(rest)
+        return options
+
+
+def main(argv):
+    """`qmail-smtpd-py serve ...`; returns the exit status."""
+    try:
+        options = Options.parse(argv, os.environ)
+    except ValueError as e:
+        sys.stderr.write("qmail-smtpd-py serve: %s\n%s" % (e, USAGE))
+        return 2
+    return Resident(options).run()
+
+
+def socket_activation(environ):
+    """True if systemd passed us a listening socket (on fd 3)."""
+    fds = environ.get("LISTEN_FDS", "")
+    return (environ.get("LISTEN_PID") == str(os.getpid()) and fds.isdigit()
+            and int(fds) >= 1)
 
 
 def rules_lookup(path, ip):
@@ -72,8 +148,8 @@ def _parse_rule(data):
 def connection_env(base, local, remote, local_name):
     """The environment of a `tcpserver -H -R [-l NAME]` child."""
     env = dict(base)
-    for name in (b"TCPREMOTEHOST", b"TCPREMOTEINFO", b"LISTEN_FDS", b"LISTEN_PID",
-                 b"LISTEN_FDNAMES"):
+    for name in (b"TCPREMOTEHOST", b"TCPREMOTEINFO", b"TCPLOCALHOST", b"LISTEN_FDS",
+                 b"LISTEN_PID", b"LISTEN_FDNAMES"):
         env.pop(name, None)
     env[b"PROTO"] = b"TCP"
     env[b"TCPLOCALIP"] = local[0].encode()
@@ -97,8 +173,7 @@ class Resident:
 
     def listen(self):
         """The listening socket: systemd's (LISTEN_FDS) or our own."""
-        if (os.environ.get("LISTEN_PID") == str(os.getpid())
-                and int(os.environ.get("LISTEN_FDS", "0")) >= 1):
+        if socket_activation(os.environ):
             sock = socket.socket(fileno=SD_LISTEN_FDS_START)
         else:
             family = socket.AF_INET6 if ":" in self.options.host else socket.AF_INET
@@ -113,6 +188,9 @@ class Resident:
     def run(self):
         """Accept until SIGTERM, then wait for the running sessions; returns 0."""
         listener = self.listener or self.listen()
+        # What is imported now is shared with every child; keep the collector
+        # from walking (and so copying) those pages in each of them.
+        gc.freeze()
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)

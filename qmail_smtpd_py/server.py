@@ -217,13 +217,13 @@ class Driver:
         """checkpassword: the credentials on its fd 3, SIGPIPE at its default,
         PATH searched (execvp, as the AUTH patch); its stdin and stdout are
         kept off the SMTP connection."""
-        from .queue import _above, _write_all
+        from .queue import _off_targets, _write_all
         argv = list(request.argv)
         try:
             readable, writable = os.pipe()
         except OSError:
             return "pipe"
-        readable = _above(readable, 3)
+        readable = _off_targets(readable, (0, 1, 3))
         # Fill the pipe before the child exists: a checkpassword that exits
         # without reading fd 3 then cannot make the write fail (the patch
         # has that race).  Only what does not fit is written afterwards.

@@ -44,9 +44,29 @@ def smtp(home):
 @pytest.fixture
 def tcpservers(tmp_path):
     """helpers.TcpServers for this test: start(home=None, env=None, rules=None,
-    envdir=None, cwd=None, args=()) -> TcpServer(port, log); all killed at teardown."""
+    envdir=None, cwd=None, args=(), mode=None, maxconn=10, local_name="mx.test")
+    -> TcpServer(port, log, proc, mode); tcpserver unless mode="resident"; all killed
+    at teardown."""
     servers = helpers.TcpServers(tmp_path)
     try:
         yield servers
     finally:
         servers.stop_all()
+
+
+@pytest.fixture(params=helpers.LAUNCHERS)
+def launcher(request):
+    """Each network launcher in turn: "tcpserver", then "resident" (`qmail-smtpd-py
+    serve`)."""
+    return request.param
+
+
+@pytest.fixture
+def servers(tmp_path, launcher):
+    """Like tcpservers, but start() uses the launcher of this parametrization: a test
+    taking `servers` runs once under tcpserver and once under `qmail-smtpd-py serve`."""
+    started = helpers.TcpServers(tmp_path, mode=launcher)
+    try:
+        yield started
+    finally:
+        started.stop_all()

@@ -1,7 +1,7 @@
 """Shared test helpers: a throw-away qmail home, a recording fake qmail-queue,
 run_smtp(), which runs the *installed* qmail-smtpd-py over pipes, EnvQueue (a
-QMAILQUEUE wrapper recording its environment) and TcpServers (the server under the
-real tcpserver on loopback).
+QMAILQUEUE wrapper recording its environment) and TcpServers (the server on loopback,
+under the real tcpserver or in its resident mode, `qmail-smtpd-py serve`).
 
 Theory of operation: every black-box test builds a qmail home (control/ files from a
 dict, plus the empty control/smtpplugins that qmail-spp insists on), points QMAILQUEUE
@@ -452,22 +452,56 @@ class EnvQueue:
         return {k.decode("latin-1"): v.decode("latin-1") for k, v in self.environ(pid).items()}
 
 
-# ------------------------------------------------------------------ tcpserver
+# ------------------------------------------------------------------ tcpserver and serve
+
+# The two ways of running the server as a network daemon: each connection under the real
+# tcpserver (a new interpreter per connection), or `qmail-smtpd-py serve` (resident mode,
+# one fork per connection). TcpServers.start runs either; the conftest.py fixture
+# `servers` is parametrized over both.
+LAUNCHERS = ("tcpserver", "resident")
+
+RE_SESSION_PID = re.compile(rb"pid (\d+) from ")
+RE_END = re.compile(rb"end (\d+) status (\d+)")
 
 
 class TcpServer:
-    """A started tcpserver: its loopback port and its -v log (a pathlib.Path)."""
+    """A started tcpserver or `qmail-smtpd-py serve`: its loopback port, its -v log
+    (a pathlib.Path), its process (.proc, .pid) and launcher (.mode)."""
 
-    def __init__(self, port, log):
+    def __init__(self, port, log, proc=None, mode="tcpserver"):
         self.port = port
         self.log = log
+        self.proc = proc
+        self.mode = mode
+
+    @property
+    def pid(self):
+        return self.proc.pid
 
     def statuses(self, count, timeout=20):
         """The wait statuses tcpserver logged for the first `count` finished connections
         (waits up to timeout seconds for them; exit 1 is 256)."""
+        return [status for _, status in self.ends(count, timeout)]
+
+    def ends(self, count=0, timeout=20):
+        """(pid, wait status) of the finished connections, in the order logged; waits
+        up to timeout seconds until there are at least `count`."""
+        found = self.wait_log(RE_END, count, timeout)
+        return [(int(pid), int(status)) for pid, status in found]
+
+    def session_pids(self, count=0, timeout=20):
+        """The pids of the per-connection children, from the `pid N from IP` lines, in
+        the order logged; waits up to timeout seconds until there are at least `count`."""
+        return [int(pid) for pid in self.wait_log(RE_SESSION_PID, count, timeout)]
+
+    def wait_log(self, regex, count=1, timeout=20):
+        """regex.findall over the log once it has at least `count` matches (or the
+        timeout passed: then whatever there is)."""
+        if isinstance(regex, bytes):
+            regex = re.compile(re.escape(regex))
         deadline = time.monotonic() + timeout
         while True:
-            found = [int(s) for s in re.findall(rb"end \d+ status (\d+)", self.log.read_bytes())]
+            found = regex.findall(self.log.read_bytes())
             if len(found) >= count or time.monotonic() > deadline:
                 return found
             time.sleep(0.02)
@@ -476,22 +510,74 @@ class TcpServer:
         return self.log.read_bytes()
 
 
-class TcpServers:
-    """Starts `[envdir DIR] tcpserver -v -R -H -l mx.test -c 10 [-x RULES] 127.0.0.1 PORT
-    qmail-smtpd-py ARGS` processes; stop_all() kills them (and their children, by
-    process group). The conftest.py fixture `tcpservers` stops them at teardown."""
+def children_of(pid):
+    """{child pid: state letter} of the processes whose parent is pid (from /proc/*/stat;
+    "Z" is a zombie)."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2:].split()  # after "pid (comm) "
+        if int(fields[1]) == pid:
+            out[int(name)] = fields[0].decode()
+    return out
 
-    def __init__(self, tmp_path):
+
+class TcpServers:
+    """Starts network servers for a test and kills them (process group by process group)
+    in stop_all(), which the conftest.py fixtures `tcpservers` and `servers` call at
+    teardown. Launchers (mode):
+
+      tcpserver: [envdir DIR] tcpserver -v -R -H -l mx.test -c 10 [-x RULES]
+                 127.0.0.1 PORT qmail-smtpd-py ARGS
+      resident:  [envdir DIR] qmail-smtpd-py serve -H -R -l mx.test -c 10 [-x RULES]
+                 127.0.0.1 PORT ARGS
+
+    Both log `status: 0/10` once they listen, `pid N from IP` per connection and
+    `end N status S` per finished one."""
+
+    def __init__(self, tmp_path, mode="tcpserver"):
+        assert mode in LAUNCHERS, mode
         self.tmp = tmp_path
+        self.mode = mode
         self.procs = []
 
-    def start(self, home=None, env=None, rules=None, envdir=None, cwd=None, args=()):
+    @staticmethod
+    def command(mode, port, rules=None, maxconn=10, local_name="mx.test", args=()):
+        """The command line of a launcher listening on 127.0.0.1 PORT."""
+        if mode == "tcpserver":
+            cmd = ["tcpserver", "-v", "-R", "-H"]
+        elif mode == "resident":
+            cmd = [SERVER, "serve", "-H", "-R"]
+        else:
+            raise ValueError(mode)
+        if local_name is not None:
+            cmd += ["-l", local_name]
+        cmd += ["-c", str(maxconn)]
+        if rules:
+            cmd += ["-x", rules]
+        cmd += ["127.0.0.1", str(port)]
+        if mode == "tcpserver":
+            cmd.append(SERVER)
+        return cmd + list(args)
+
+    def start(self, home=None, env=None, rules=None, envdir=None, cwd=None, args=(),
+              mode=None, maxconn=10, local_name="mx.test"):
         """Start a server and wait until it listens; returns a TcpServer.
 
         The environment is PATH, QMAILHOME and QMAILQUEUE of home (if given), then env.
         rules: a tcprules cdb for -x; envdir: run under `envdir ENVDIR` (relative to
-        cwd, which defaults to the test's tmp_path); args: after the server command."""
-        require_tools("tcpserver")
+        cwd, which defaults to the test's tmp_path); args: the server's arguments (the
+        checkpassword command line); mode: "tcpserver" or "resident" (default: the
+        mode this TcpServers was made with); maxconn: -c; local_name: -l (None: no -l)."""
+        mode = mode or self.mode
+        if mode == "tcpserver":
+            require_tools("tcpserver")
         require_server()
         full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         if home is not None:
@@ -499,32 +585,47 @@ class TcpServers:
         full_env.update(env or {})
         for attempt in range(5):
             port = free_port()
-            cmd = ["tcpserver", "-v", "-R", "-H", "-l", "mx.test", "-c", "10"]
-            if rules:
-                cmd += ["-x", rules]
-            cmd += ["127.0.0.1", str(port), SERVER, *args]
+            cmd = self.command(mode, port, rules, maxconn, local_name, args)
             if envdir:
                 require_tools("envdir")
                 cmd = ["envdir", envdir] + cmd
-            log = self.tmp / ("tcpserver-%d.log" % len(self.procs))
-            with open(log, "wb") as logf:
-                p = subprocess.Popen(cmd, env=full_env, cwd=cwd or str(self.tmp),
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=logf, start_new_session=True)
-            self.procs.append(p)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                if b"status: 0/" in log.read_bytes():
-                    return TcpServer(port, log)
-                if p.poll() is not None:
-                    break
-                time.sleep(0.02)
+            p, log = self.spawn(cmd, full_env, cwd=cwd)
+            if self.wait_listening(p, log):
+                return TcpServer(port, log, p, mode)
             self.stop(p)
-            if b"unable to bind" not in log.read_bytes():
-                pytest.fail("tcpserver did not start: %r" % log.read_bytes())
-        pytest.fail("tcpserver could not bind a free port")
+            text = log.read_bytes()
+            if b"unable to bind" not in text and b"Address already in use" not in text:
+                pytest.fail("%s did not start: %r" % (mode, text))
+        pytest.fail("%s could not bind a free port" % mode)
+
+    def spawn(self, cmd, env, cwd=None, **popen):
+        """Popen cmd in a new session (process group), stdout to /dev/null, stderr to a
+        new log file; stop_all() kills it. Returns (Popen, log path)."""
+        log = self.tmp / ("server-%d.log" % len(self.procs))
+        with open(log, "wb") as logf:
+            p = subprocess.Popen(cmd, env=env, cwd=cwd or str(self.tmp),
+                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=logf, start_new_session=True, **popen)
+        self.procs.append(p)
+        return p, log
+
+    @staticmethod
+    def wait_listening(p, log, timeout=15):
+        """True once the log shows `status: 0/` (the server listens), False if p
+        exited first or after the timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if b"status: 0/" in log.read_bytes():
+                return True
+            if p.poll() is not None:
+                return False
+            time.sleep(0.02)
+        return False
 
     def stop(self, p):
+        """SIGTERM p's process group, SIGKILL it after 5 s; then SIGKILL whatever is
+        left in the group (sessions a draining resident server still waits for, a
+        qmail-queue a killed session left behind)."""
         if p.poll() is None:
             try:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -533,8 +634,12 @@ class TcpServers:
             try:
                 p.wait(5)
             except subprocess.TimeoutExpired:
+                pass
+            try:
                 os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+            except OSError:
+                pass
+            p.wait()
 
     def stop_all(self):
         for p in self.procs:

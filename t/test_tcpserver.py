@@ -1,9 +1,11 @@
-"""qmail-smtpd-py under the real tcpserver (ucspi-tcp) on loopback, driven by swaks and
-smtplib, the way a qmail installation runs it: tcprules CDBs setting RELAYCLIENT, an
-envdir-configured daemontools-style command line, and delivery through
-bin/qmail-queue-maildir into a Maildir.
+"""qmail-smtpd-py as a network daemon on loopback, driven by swaks and smtplib, the way a
+qmail installation runs it: tcprules CDBs setting RELAYCLIENT, an envdir-configured
+daemontools-style command line, and delivery through bin/qmail-queue-maildir into a
+Maildir.
 
-tcpserver runs with -R -H (no ident or DNS look-ups) and -l mx.test, so the server sees
+Every test runs twice (the conftest.py fixture `servers`): under the real tcpserver
+(ucspi-tcp) and under the resident mode `qmail-smtpd-py serve`, which must behave the
+same. Both run with -R -H (no ident or DNS look-ups) and -l mx.test, so the server sees
 TCPREMOTEIP=127.0.0.1, TCPLOCALHOST=mx.test and no TCPREMOTEHOST.
 """
 
@@ -40,8 +42,8 @@ def tcprules(tmp_path, name, text):
 # ------------------------------------------------------------------ deliveries
 
 
-def test_swaks_delivery_into_the_queue(tcpservers, home):
-    port = tcpservers.start(home).port
+def test_swaks_delivery_into_the_queue(servers, home):
+    port = servers.start(home).port
     status, transcript = swaks(port, "--to", "u@example.com",
                                "--header", "Subject: swaks test", "--body", "hello from swaks")
     assert status == 0, transcript
@@ -53,8 +55,9 @@ def test_swaks_delivery_into_the_queue(tcpservers, home):
     assert b"\r" not in msg.message
 
 
-def test_smtplib_delivery_with_dot_stuffing(tcpservers, home):
-    port = tcpservers.start(home).port
+def test_smtplib_delivery_with_dot_stuffing(servers, home):
+    server = servers.start(home)
+    port = server.port
     with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=20) as s:
         assert s.ehlo() == (250, b"mx.example.org\nPIPELINING\n8BITMIME")
         refused = s.sendmail("a@b.c", ["u@example.com", "v@x.sub.example.net"],
@@ -64,6 +67,8 @@ def test_smtplib_delivery_with_dot_stuffing(tcpservers, home):
     (msg,) = home.queued()
     assert msg.envelope == b"Fa@b.c\0Tu@example.com\0Tv@x.sub.example.net\0\0"
     assert norm(msg.message) == RECEIVED + b"Subject: smtplib test\n\n.leading dot\nhello\n"
+    ((pid, status),) = server.ends(1)  # both launchers log `pid N from` and `end N status 0`
+    assert status == 0 and server.session_pids() == [pid]
 
 
 # ------------------------------------------------------------------ tcprules and RELAYCLIENT
@@ -79,24 +84,24 @@ def try_relay(port):
         return reply
 
 
-def test_tcprules_relayclient_allows_relaying(tcpservers, home, tmp_path):
+def test_tcprules_relayclient_allows_relaying(servers, home, tmp_path):
     rules = tcprules(tmp_path, "relay", b'127.0.0.1:allow,RELAYCLIENT=""\n:allow\n')
-    port = tcpservers.start(home, rules=rules).port
+    port = servers.start(home, rules=rules).port
     assert try_relay(port) == (250, b"ok")
     (msg,) = home.queued()
     assert msg.envelope == b"Fa@b.c\0Tu@elsewhere.org\0\0"
 
 
-def test_tcprules_without_relayclient_refuses_relaying(tcpservers, home, tmp_path):
+def test_tcprules_without_relayclient_refuses_relaying(servers, home, tmp_path):
     rules = tcprules(tmp_path, "norelay", b"127.0.0.1:allow\n:allow\n")
-    port = tcpservers.start(home, rules=rules).port
+    port = servers.start(home, rules=rules).port
     assert try_relay(port) == (553, NOGATEWAY)
     assert home.queued() == []
 
 
-def test_tcprules_relayclient_suffix(tcpservers, home, tmp_path):
+def test_tcprules_relayclient_suffix(servers, home, tmp_path):
     rules = tcprules(tmp_path, "suffix", b'127.0.0.1:allow,RELAYCLIENT="+gw"\n')
-    port = tcpservers.start(home, rules=rules).port
+    port = servers.start(home, rules=rules).port
     assert try_relay(port) == (250, b"ok")
     assert home.queued()[0].recipients == [b"u@elsewhere.org+gw"]
 
@@ -104,16 +109,17 @@ def test_tcprules_relayclient_suffix(tcpservers, home, tmp_path):
 # ------------------------------------------------------------------ envdir + Maildir
 
 
-def test_envdir_run_delivers_into_maildir(tcpservers, home, tmp_path):
-    """A daemontools-style `envdir ./env tcpserver ... qmail-smtpd-py` with
-    QMAILQUEUE=qmail-queue-maildir; DATABYTES from the envdir is honoured too."""
+def test_envdir_run_delivers_into_maildir(servers, home, tmp_path):
+    """A daemontools-style `envdir ./env tcpserver ... qmail-smtpd-py` (or `envdir ./env
+    qmail-smtpd-py serve ...`) with QMAILQUEUE=qmail-queue-maildir; DATABYTES from the
+    envdir is honoured too."""
     maildir = tmp_path / "Maildir"
     envdir = tmp_path / "env"
     envdir.mkdir()
     for name, value in {"QMAILHOME": home.path, "QMAILQUEUE": QUEUE_MAILDIR,
                         "MAILDIR": str(maildir), "DATABYTES": "2000"}.items():
         (envdir / name).write_text(value + "\n")
-    port = tcpservers.start(envdir="./env", cwd=str(tmp_path)).port
+    port = servers.start(envdir="./env", cwd=str(tmp_path)).port
 
     status, transcript = swaks(port, "--to", "u@example.com",
                                "--header", "Subject: maildir test", "--body", "into the Maildir")
