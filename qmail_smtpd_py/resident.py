@@ -235,6 +235,10 @@ class Resident:
             conn, remote = listener.accept()
         except (BlockingIOError, InterruptedError, ConnectionAbortedError):
             return
+        except OSError as e:  # e.g. out of file descriptors: keep serving the others
+            self.log("serve: unable to accept: %s" % e)
+            select.select([], [], [], 0.1)  # do not spin while the cause lasts
+            return
         try:
             pid = os.fork()
         except OSError as e:

@@ -41,7 +41,7 @@ class Driver:
         self.plugin_time_limit = plugin_time_limit
         self.tls_context = None
         self.tls = None  # a tls.TLSConnection once the handshake is done
-        self.timeout_ms = timeout * 1000
+        self.timeout_ms = min(timeout * 1000, 0x7FFFFFFF)  # poll() takes a C int
         self.infd = infd
         self.outfd = outfd
         self.queue = None
@@ -70,7 +70,7 @@ class Driver:
             self.session.out += replies.INTERNAL
             try:
                 self.flush()
-            except _Done:
+            except Exception:  # _Done, or a TLS layer in trouble: nothing more to say
                 pass
             return 1
         finally:
