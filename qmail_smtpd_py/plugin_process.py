@@ -14,6 +14,7 @@ import time
 from .effects import PLUGIN_CRASHED
 
 READ_SIZE = 1 << 16
+MAX_LINE = 1 << 20  # longer plugin output lines are cut here (memory stays bounded)
 
 
 class PluginProcess:
@@ -26,6 +27,7 @@ class PluginProcess:
             argv = [entry]  # the whole line is the path: no argument splitting
         self.deadline = None if time_limit is None else time.monotonic() + time_limit
         self.pending = b""
+        self.skipping = False  # dropping the rest of an over-long line
         self.killed = False
         self.out, child_out = os.pipe()
         try:
@@ -58,11 +60,22 @@ class PluginProcess:
             if not data:
                 rest, self.pending = self.pending, b""
                 return [rest] if rest else None
+            if self.skipping:
+                lf = data.find(b"\n")
+                if lf < 0:
+                    continue
+                self.skipping = False
+                data = data[lf + 1:]
             data = self.pending + data
             end = data.rfind(b"\n") + 1
             self.pending = data[end:]
-            if end:
-                return [line + b"\n" for line in data[:end - 1].split(b"\n")]
+            lines = [line[:MAX_LINE] + b"\n" for line in data[:end - 1].split(b"\n")] if end else []
+            if len(self.pending) > MAX_LINE:  # an endless line: act on its start, drop the rest
+                lines.append(self.pending[:MAX_LINE] + b"\n")
+                self.pending = b""
+                self.skipping = True
+            if lines:
+                return lines
 
     def finish(self):
         """Close the pipe, wait; the exit code or PLUGIN_CRASHED."""

@@ -187,6 +187,8 @@ class Driver:
         return None
 
     def plugin_read(self, request):
+        if len(self.session.out) > READ_SIZE:  # a plugin printing without end
+            self.flush()
         return self.plugin.read_lines()
 
     def plugin_finish(self, request):

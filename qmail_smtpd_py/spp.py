@@ -17,6 +17,7 @@ an empty H line is ignored; the stale badmailfrom flag is fixed in session.py.
 from .effects import PLUGIN_CRASHED, PluginFinish, PluginRead, PluginStart
 
 REJECT, NORMAL, SKIP_CHECKS = 0, 1, 2
+MAX_TEXT = 1 << 16  # most bytes of H headers, and of each LM/LR/LD buffer, kept
 
 # The byte after '[' picks the section; anything else discards entries.
 SECTIONS = (b"c", b"h", b"m", b"r", b"d", b"a")
@@ -129,7 +130,7 @@ class Plugins:
         if letter in b"PER":
             out += _cstr(payload) + b"\r\n"
         elif letter == ord("H"):
-            if payload:
+            if payload and len(self.headers) + len(payload) < MAX_TEXT:
                 self.headers += payload + b"\n"
         elif letter == ord("C"):
             if addr_var is not None:
@@ -143,7 +144,7 @@ class Plugins:
             env.pop(_cstr(payload), None)
         elif letter == ord("L"):
             deferred = self.deferred.get(payload[:1])
-            if deferred is not None:
+            if deferred is not None and len(deferred.text) + len(payload) < MAX_TEXT:
                 deferred.text += payload[1:] + b"\r\n"
         elif letter == ord("A"):
             self.running = False

@@ -250,3 +250,13 @@ def test_fuzz_the_core_never_crashes_and_replies_in_lines(parts, flavour):
     assert r.exit in (0, 1)
     assert r.output.endswith(b"\r\n")
     assert all(line[:3].isdigit() for line in r.output.split(b"\r\n")[:-1])
+
+
+def test_spp_headers_and_deferred_errors_are_bounded():
+    from qmail_smtpd_py.spp import MAX_TEXT
+    flood = b"HX-Flood: " + b"y" * 990 + b"\n"
+    plugins = {b"p/r": (flood * 200 + b"LD451 " + b"z" * 200000 + b"\n", 0)}
+    r = run(MSG, cfg=spp_config(r=[b"p/r"]), plugins=plugins)
+    message = r.queued[0][0]
+    assert MAX_TEXT - 1000 < message.count(b"X-Flood") * len(flood) < MAX_TEXT
+    assert b"451 z" not in r.output  # the oversized LD line was not kept
