@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 SOURCES := setup.cfg pyproject.toml $(wildcard qmail_smtpd_py/*.py qmail_smtpd_py/*/*.py) $(wildcard bin/*)
 BIN := $(CURDIR)/$(VENV)/bin
 
-.PHONY: all venv .venv run tcpserver test pytest conformance bench clean
+.PHONY: all venv .venv run tcpserver test pytest conformance bench clean fuzz
 
 all: test
 
@@ -88,3 +88,9 @@ bench: $(STAMP)
 clean:
 	rm -rf $(VENV) build *.egg-info $(RUNDIR) .pytest_cache .hypothesis
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Fuzz the session core in-process for FUZZ_SECONDS (random sessions across plain, spp,
+# AUTH, TLS and SMTPEXTFORK configurations); failing inputs land in fuzz/failures/.
+FUZZ_SECONDS ?= 1200
+fuzz: $(STAMP)
+	$(VENV)/bin/python fuzz/fuzz_session.py --seconds $(FUZZ_SECONDS)

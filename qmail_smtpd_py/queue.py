@@ -101,19 +101,51 @@ class QueueProcess:
                 pass
         os.close(self.envelope)
         self.envelope = None
+        errtext = self._collect_errtext()
         _, wstatus = os.waitpid(self.pid, 0)
         self.pid = None
-        errtext = self._read_errtext()
+        errtext += self._read_errtext(255 - len(errtext))
         self.close()
         if os.WIFSIGNALED(wstatus):
             return QUEUE_CRASHED, errtext
         return os.WEXITSTATUS(wstatus), errtext
 
-    def _read_errtext(self):
+    def _collect_errtext(self):
+        """Read fd 6 while the child runs, so that a child writing more than
+        a pipe holds there cannot block on us while we wait for it; stop at
+        its exit (a grandchild may keep fd 6 open) or after 255 bytes (as
+        notqmail: the rest is not read, the pipe is closed)."""
+        import select
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            return b""
+        text = b""
+        try:
+            poller = select.poll()
+            poller.register(self.err, select.POLLIN)
+            poller.register(pidfd, select.POLLIN)
+            while True:
+                ready = dict(poller.poll())
+                if self.err in ready:
+                    chunk = os.read(self.err, 255 - len(text))
+                    text += chunk
+                    if not chunk or len(text) >= 255:
+                        poller.unregister(self.err)
+                        os.close(self.err)
+                        self.err = None
+                if pidfd in ready:
+                    return text
+        finally:
+            os.close(pidfd)
+
+    def _read_errtext(self, size):
+        if self.err is None or size <= 0:
+            return b""
         os.set_blocking(self.err, False)
         text = b""
         try:
-            while len(text) < 255 and (chunk := os.read(self.err, 255 - len(text))):
+            while len(text) < size and (chunk := os.read(self.err, size - len(text))):
                 text += chunk
         except OSError:
             pass
