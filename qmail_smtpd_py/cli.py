@@ -56,6 +56,8 @@ def _click_main(args):
                         a plugin over it is killed and treated as crashed
           SMTPEXTFORK   programs judging each RCPT (SMTPEXTFORKR: for relay
                         clients); 421SMTPEXTFORK... custom texts; XF_QUITASAP
+          SMTPEXTFORKTIMEOUT  seconds an SMTPEXTFORK program may run (default:
+                        no limit); one over it is killed (the RCPT is accepted)
           SMTPAUTH      AUTH mode: "" LOGIN PLAIN, cram, +cram, ! (required),
                         !cram, !+cram, - (off)
           SMTPS         TLS from the first byte (port 465)

@@ -35,10 +35,12 @@ def log(text):
 
 
 class Driver:
-    def __init__(self, session, timeout, infd=0, outfd=1, plugin_time_limit=None):
+    def __init__(self, session, timeout, infd=0, outfd=1, plugin_time_limit=None,
+                 program_time_limit=None):
         self.session = session
         self.plugin = None
         self.plugin_time_limit = plugin_time_limit
+        self.program_time_limit = program_time_limit
         self.tls_context = None
         self.tls = None  # a tls.TLSConnection once the handshake is done
         self.timeout_ms = min(timeout * 1000, 0x7FFFFFFF)  # poll() takes a C int
@@ -212,6 +214,10 @@ class Driver:
             return 111  # the patch's child exits 111 when exec fails
         except ValueError:  # NUL in the path or environment
             return 111
+        if self.program_time_limit and not _exits_within(pid, self.program_time_limit):
+            os.kill(pid, 9)  # SIGKILL: reported as death by a signal (stop, accept)
+            log("XF: %s killed after its time limit of %gs"
+                % (_text(request.path), self.program_time_limit))
         _, status = os.waitpid(pid, 0)
         return PROGRAM_CRASHED if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
@@ -328,14 +334,28 @@ def serve(args=(), qmail_home=None, environ=None):
         _write_quietly(1, replies.CONTROLS)
         return 1
     session = Session(config, dict(environ), pid=os.getpid())
-    return Driver(session, config.timeout, plugin_time_limit=_time_limit(environ)).run()
+    return Driver(session, config.timeout,
+                  plugin_time_limit=_time_limit(environ, b"SPPTIMEOUT"),
+                  program_time_limit=_time_limit(environ, b"SMTPEXTFORKTIMEOUT")).run()
 
 
-def _time_limit(environ):
-    """SPPTIMEOUT: seconds a qmail-spp plugin may run (unset or 0: no limit)."""
+def _time_limit(environ, name):
+    """SPPTIMEOUT / SMTPEXTFORKTIMEOUT: seconds a qmail-spp plugin / an
+    SMTPEXTFORK program may run (unset or 0: no limit, as the C patches)."""
     from .control import leading_number
-    seconds = leading_number(environ.get(b"SPPTIMEOUT", b""))
+    seconds = leading_number(environ.get(name, b""))
     return seconds or None
+
+
+def _exits_within(pid, seconds):
+    """Wait up to seconds for the child to end (it is not reaped here)."""
+    fd = os.pidfd_open(pid)
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(seconds * 1000))
+    finally:
+        os.close(fd)
 
 
 def _write_quietly(fd, data):

@@ -543,8 +543,8 @@ def test_spp_megabytes_to_a_client_that_resets(servers, home):
 
 
 # ================================================================== SMTPEXTFORK
-# (No hang row: SMTPEXTFORK has no time limit -- a hanging program hangs the RCPT, as
-# in the patch; extfork.md §3.)
+# A hanging program: without SMTPEXTFORKTIMEOUT the RCPT waits for it (faithful,
+# extfork.md §3); with it, the program is killed, which counts as death by a signal.
 
 
 def xf_program(home, name, action, mode=0o755):
@@ -554,6 +554,7 @@ def xf_program(home, name, action, mode=0o755):
 
 # fault recipient and good recipient both accepted: every fault here means "accept"
 XF_EXPECTED = GREETING + OK + OK + OK + GO + ACC + BYE
+EXTFORK_554 = b"554 sorry, permanent envelope failure due to local policy (#5.7.1)\r\n"
 XF_BOTH = [[b"fault@example.com", b"u@example.com"]]
 
 
@@ -568,6 +569,24 @@ def test_extfork_unrunnable_or_120_accepts(home, kind):
     res = run_raw(SPP_SESSION, home, env={"SMTPEXTFORK": prog})
     assert norm(res.out) == XF_EXPECTED
     assert [q.recipients for q in res.queued] == XF_BOTH
+    no_traceback(res.err)
+
+
+def test_extfork_slow_program_without_time_limit_is_waited_for(home):
+    prog = xf_program(home, "slow", "sleep 3; exit 100")
+    res = run_raw(SPP_SESSION, home, env={"SMTPEXTFORK": prog}, timeout=30)
+    assert norm(res.out) == GREETING + OK + EXTFORK_554 + OK + GO + ACC + BYE
+    assert [q.recipients for q in res.queued] == [[b"u@example.com"]]
+    no_traceback(res.err)
+
+
+def test_extfork_hanging_program_is_killed_after_SMTPEXTFORKTIMEOUT(home):
+    prog = xf_program(home, "hang", "sleep 60; exit 100")
+    res = run_raw(SPP_SESSION, home, env={"SMTPEXTFORK": prog, "SMTPEXTFORKTIMEOUT": "1"},
+                  timeout=20)
+    assert norm(res.out) == XF_EXPECTED  # killed: a signal death accepts, as the patch
+    assert [q.recipients for q in res.queued] == XF_BOTH
+    assert b"killed after its time limit" in res.err and b"XF (#5c)" in res.err
     no_traceback(res.err)
 
 
