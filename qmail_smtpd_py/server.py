@@ -102,7 +102,7 @@ class Driver:
             except BlockingIOError:
                 pass
             except OSError:
-                raise _Done(1)
+                raise _Done(1) from None
             if not self._out_poll.poll(self.timeout_ms):
                 raise _Done(1)  # write timeout: silent, as in qmail
 

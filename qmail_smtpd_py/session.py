@@ -322,7 +322,7 @@ class Session:
                 chunk, consumed, done = blast.feed(self._buf)
             except BareLF:
                 self.out += replies.BARE_LF
-                raise _End(1)
+                raise _End(1) from None
             del self._buf[:consumed]
             if writing and (pending or chunk):
                 writing = yield QueueWrite(pending + chunk if pending else chunk)

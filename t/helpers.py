@@ -583,7 +583,7 @@ class TcpServers:
         if home is not None:
             full_env.update(QMAILHOME=home.path, QMAILQUEUE=home.queue.path)
         full_env.update(env or {})
-        for attempt in range(5):
+        for _ in range(5):
             port = free_port()
             cmd = self.command(mode, port, rules, maxconn, local_name, args)
             if envdir:
