@@ -1,4 +1,4 @@
-# qmail-smtpd-py: make run | make test | make bench | make clean
+# qmail-smtpd-py: make run | make test | make bench | make install | make clean
 #
 # Everything runs from a local virtualenv (.venv) with the package installed
 # non-editable, so the tests exercise exactly what `pip install .` ships.
@@ -17,7 +17,7 @@ STAMP := $(VENV)/.installed
 SOURCES := setup.cfg pyproject.toml $(wildcard qmail_smtpd_py/*.py qmail_smtpd_py/*/*.py) $(wildcard bin/*)
 BIN := $(CURDIR)/$(VENV)/bin
 
-.PHONY: all venv .venv run tcpserver test pytest conformance bench clean fuzz
+.PHONY: all venv .venv run tcpserver test pytest conformance bench clean fuzz install
 
 all: test
 
@@ -94,3 +94,64 @@ clean:
 FUZZ_SECONDS ?= 1200
 fuzz: $(STAMP)
 	$(VENV)/bin/python fuzz/fuzz_session.py --seconds $(FUZZ_SECONDS)
+
+# ---------------------------------------------------------------------- install
+#
+#   make install [PREFIX=/usr/local] [DESTDIR=] [QMAILBIN=/var/qmail/bin]
+#
+# Creates a virtualenv at $(PREFIX)/lib/qmail-smtpd-py with the package installed
+# (non-editable, click and attrs from PyPI or pip's cache), links
+# $(PREFIX)/bin/qmail-smtpd-py and $(PREFIX)/bin/qmail-queue-maildir to its scripts,
+# installs the man page into $(PREFIX)/share/man/man8 and the sample control files into
+# $(PREFIX)/share/qmail-smtpd-py/control (samples only: nothing is written to a qmail
+# home). Installing again upgrades in place.
+#
+# QMAILBIN=/var/qmail/bin also links $(QMAILBIN)/qmail-smtpd-py to the installed
+# program, so that run scripts can name it beside qmail's own programs. An existing
+# file of that name that is not already this link is never replaced: make stops with
+# an error and leaves it alone (remove or rename it yourself first).
+#
+# DESTDIR is for staging a package: everything goes under $(DESTDIR), the symlinks
+# point at the final $(PREFIX) paths. A virtualenv records its own absolute path (in
+# pyvenv.cfg and the scripts' #! lines), so the staged venv works only once it sits at
+# $(PREFIX)/lib/qmail-smtpd-py on the target; it cannot run from the staging directory.
+PREFIX ?= /usr/local
+DESTDIR ?=
+QMAILBIN ?=
+LIBDIR := $(PREFIX)/lib/qmail-smtpd-py
+MAN8DIR := $(PREFIX)/share/man/man8
+SAMPLEDIR := $(PREFIX)/share/qmail-smtpd-py/control
+SAMPLES := $(wildcard control/*)
+
+install:
+	@if [ -n "$(QMAILBIN)" ]; then \
+	  t="$(DESTDIR)$(QMAILBIN)/qmail-smtpd-py"; \
+	  if [ -e "$$t" ] || [ -L "$$t" ]; then \
+	    l=$$(readlink "$$t" 2>/dev/null || true); \
+	    if [ "$$l" != "$(LIBDIR)/bin/qmail-smtpd-py" ] && [ "$$l" != "$(PREFIX)/bin/qmail-smtpd-py" ]; then \
+	      echo "make install: $$t exists and is not a link to $(LIBDIR)/bin/qmail-smtpd-py; refusing to replace it (remove or rename it first)" >&2; \
+	      exit 1; \
+	    fi; \
+	  fi; \
+	fi
+	@test -x "$(DESTDIR)$(LIBDIR)/bin/python" || $(PYTHON) -m venv "$(DESTDIR)$(LIBDIR)" || { \
+	  echo "make install: '$(PYTHON) -m venv' failed; on Debian: apt-get install python3-venv" >&2; \
+	  exit 1; }
+	rm -rf build
+	"$(DESTDIR)$(LIBDIR)/bin/python" -m pip install --quiet --disable-pip-version-check "$(CURDIR)"
+	rm -rf build
+	install -d "$(DESTDIR)$(PREFIX)/bin" "$(DESTDIR)$(MAN8DIR)" "$(DESTDIR)$(SAMPLEDIR)"
+	ln -sfn "$(LIBDIR)/bin/qmail-smtpd-py" "$(DESTDIR)$(PREFIX)/bin/qmail-smtpd-py"
+	ln -sfn "$(LIBDIR)/bin/qmail-queue-maildir" "$(DESTDIR)$(PREFIX)/bin/qmail-queue-maildir"
+	install -m 644 man/qmail-smtpd-py.8 "$(DESTDIR)$(MAN8DIR)/qmail-smtpd-py.8"
+	install -m 644 $(SAMPLES) "$(DESTDIR)$(SAMPLEDIR)/"
+	@if [ -n "$(QMAILBIN)" ]; then \
+	  t="$(DESTDIR)$(QMAILBIN)/qmail-smtpd-py"; \
+	  if [ -L "$$t" ]; then \
+	    echo "$$t: already linked"; \
+	  else \
+	    install -d "$(DESTDIR)$(QMAILBIN)" && \
+	    echo "ln -s $(LIBDIR)/bin/qmail-smtpd-py $$t" && \
+	    ln -s "$(LIBDIR)/bin/qmail-smtpd-py" "$$t"; \
+	  fi; \
+	fi

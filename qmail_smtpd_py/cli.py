@@ -1,8 +1,9 @@
 """Command line entry point.
 
 The per-connection path (no arguments, as tcpserver runs it) goes straight
-to the driver, and `serve` to the resident mode: click is imported only for
-options and --help, because every import costs every connection.
+to the driver, `serve` to the resident mode and `check` to the control-file
+checker: click is imported only for options and --help, because every import
+costs every connection.
 """
 
 import os
@@ -14,6 +15,9 @@ def main(argv=None):
     if args[:1] == ["serve"]:
         from .resident import main as serve_resident
         return serve_resident(args[1:])
+    if args[:1] == ["check"]:
+        from .check import main as check_main
+        return check_main(args[1:])
     if not args or not args[0].startswith("-"):
         from .server import serve
         code = serve(args)
@@ -36,7 +40,8 @@ def _click_main(args):
         tcpserver.  Replies, the Received line and the envelope are notqmail's.
 
         `qmail-smtpd-py serve ...` is the resident mode: see
-        `qmail-smtpd-py serve --help`.
+        `qmail-smtpd-py serve --help`.  `qmail-smtpd-py check [--qmail-home DIR]`
+        looks over the control files for mistakes.
 
         CHECKPASSWORD: for SMTP AUTH, the checkpassword command line
         (e.g. /bin/checkpassword /bin/true); the old form HOSTNAME

@@ -1,0 +1,171 @@
+"""`make install`: the venv under PREFIX, the bin/ links, the man page, the sample
+control files, and QMAILBIN, which links the program beside qmail's own but never
+replaces a file it did not make.
+
+One install (PREFIX=<tmp>/usr, no DESTDIR) is shared by the module; the QMAILBIN tests
+install again into the same PREFIX (make install upgrades in place). pip needs PyPI or
+its cache for click and attrs.
+"""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+import helpers
+
+REPO = helpers.REPO
+MAN = os.path.join(REPO, "man", "qmail-smtpd-py.8")
+CONTROL = os.path.join(REPO, "control")
+INSTALL_TIMEOUT = 600
+
+
+def make_install(prefix, *extra):
+    """Run `make -C REPO install PREFIX=prefix extra...`; the CompletedProcess."""
+    env = dict(os.environ)
+    # Not inherited from a surrounding `make test` (its flags, jobserver, variables)
+    # nor from the caller's environment (the Makefile's variables use ?=).
+    for name in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEOVERRIDES", "DESTDIR",
+                 "QMAILBIN", "PREFIX"):
+        env.pop(name, None)
+    return subprocess.run(
+        ["make", "--no-print-directory", "-C", REPO, "install", "PREFIX=" + prefix,
+         *extra],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+        timeout=INSTALL_TIMEOUT)
+
+
+def check(proc):
+    assert proc.returncode == 0, "make install failed (%d):\n%s\n%s" % (
+        proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture(scope="module")
+def prefix(tmp_path_factory):
+    if shutil.which("make") is None:
+        pytest.skip("make is not installed")
+    prefix = str(tmp_path_factory.mktemp("install") / "usr")
+    check(make_install(prefix))
+    return prefix
+
+
+def venv_script(prefix, name):
+    return os.path.join(prefix, "lib", "qmail-smtpd-py", "bin", name)
+
+
+def test_bin_links_point_into_the_venv(prefix):
+    for name in ("qmail-smtpd-py", "qmail-queue-maildir"):
+        link = os.path.join(prefix, "bin", name)
+        assert os.path.islink(link)
+        assert os.readlink(link) == venv_script(prefix, name)
+        assert os.access(link, os.X_OK)
+
+
+def test_installed_program_is_not_the_checkout(prefix):
+    """Non-editable: the venv holds its own copy of the package."""
+    python = venv_script(prefix, "python")
+    out = subprocess.run(
+        [python, "-I", "-c", "import qmail_smtpd_py; print(qmail_smtpd_py.__file__)"],
+        capture_output=True, text=True, check=True, cwd="/").stdout.strip()
+    assert out.startswith(os.path.join(prefix, "lib", "qmail-smtpd-py") + os.sep)
+    with open(venv_script(prefix, "qmail-smtpd-py"), "rb") as f:
+        assert f.readline().startswith(b"#!" + venv_script(prefix, "python").encode())
+
+
+def test_version(prefix):
+    proc = subprocess.run([os.path.join(prefix, "bin", "qmail-smtpd-py"), "--version"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("qmail-smtpd-py, version ")
+
+
+def test_quit_session_over_pipes(prefix, make_home, monkeypatch):
+    monkeypatch.setattr(helpers, "SERVER", os.path.join(prefix, "bin", "qmail-smtpd-py"))
+    res = helpers.run_smtp(b"QUIT\r\n", home=make_home())
+    assert res.out == b"220 mx.example.org ESMTP\r\n221 mx.example.org\r\n"
+    assert res.status == 0
+    assert res.queued == []
+
+
+def test_message_into_installed_queue_maildir(prefix, make_home, monkeypatch, tmp_path):
+    """The installed qmail-queue-maildir takes a message from the installed server."""
+    monkeypatch.setattr(helpers, "SERVER", os.path.join(prefix, "bin", "qmail-smtpd-py"))
+    maildir = tmp_path / "Maildir"
+    env = {"QMAILQUEUE": os.path.join(prefix, "bin", "qmail-queue-maildir"),
+           "MAILDIR": str(maildir)}
+    res = helpers.run_smtp(
+        b"HELO c\r\nMAIL FROM:<a@b.example>\r\nRCPT TO:<u@example.com>\r\nDATA\r\n"
+        b"Subject: t\r\n\r\nhello\r\n.\r\nQUIT\r\n", env=env, home=make_home())
+    assert res.status == 0, res.err
+    assert b"\r\n250 ok " in res.out
+    (new,) = os.listdir(maildir / "new")
+    data = (maildir / "new" / new).read_bytes()
+    assert b"Delivered-To: u@example.com\n" in data
+    assert data.endswith(b"Subject: t\n\nhello\n")
+
+
+def test_man_page_installed(prefix):
+    installed = os.path.join(prefix, "share", "man", "man8", "qmail-smtpd-py.8")
+    with open(installed, "rb") as a, open(MAN, "rb") as b:
+        assert a.read() == b.read()
+    assert oct(os.stat(installed).st_mode & 0o777) == oct(0o644)
+
+
+def test_man_page_renders_without_warnings(prefix):
+    if shutil.which("groff") is None:
+        pytest.skip("groff is not installed (Debian: groff-base)")
+    installed = os.path.join(prefix, "share", "man", "man8", "qmail-smtpd-py.8")
+    proc = subprocess.run(["groff", "-man", "-ww", "-z", installed],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0
+    assert proc.stderr == ""
+    assert proc.stdout == ""
+
+
+def test_samples_installed(prefix):
+    samples = os.path.join(prefix, "share", "qmail-smtpd-py", "control")
+    names = sorted(os.listdir(CONTROL))
+    assert sorted(os.listdir(samples)) == names
+    assert "smtpplugins" in names and "me" in names
+    for name in names:
+        with open(os.path.join(samples, name), "rb") as a, \
+                open(os.path.join(CONTROL, name), "rb") as b:
+            assert a.read() == b.read()
+
+
+@pytest.mark.parametrize("kind", ["file", "foreign link", "dangling link"])
+def test_qmailbin_refuses_to_replace_a_foreign_file(prefix, tmp_path, kind):
+    qmailbin = tmp_path / "qmail" / "bin"
+    qmailbin.mkdir(parents=True)
+    target = qmailbin / "qmail-smtpd-py"
+    if kind == "file":
+        target.write_bytes(b"#!/bin/sh\nexit 0\n")
+    elif kind == "foreign link":
+        other = tmp_path / "other"
+        other.write_bytes(b"#!/bin/sh\n")
+        target.symlink_to(other)
+    else:
+        target.symlink_to(tmp_path / "nowhere")
+    before = os.readlink(target) if target.is_symlink() else target.read_bytes()
+    proc = make_install(prefix, "QMAILBIN=" + str(qmailbin))
+    assert proc.returncode != 0
+    assert "refusing" in proc.stderr
+    after = os.readlink(target) if target.is_symlink() else target.read_bytes()
+    assert after == before
+    assert os.listdir(qmailbin) == ["qmail-smtpd-py"]
+
+
+def test_qmailbin_links_when_absent_and_again_when_ours(prefix, tmp_path, make_home,
+                                                         monkeypatch):
+    qmailbin = tmp_path / "qmail" / "bin"  # created by make install
+    target = qmailbin / "qmail-smtpd-py"
+    check(make_install(prefix, "QMAILBIN=" + str(qmailbin)))
+    assert os.readlink(target) == venv_script(prefix, "qmail-smtpd-py")
+    # Installing again over our own link is fine and leaves it as it was.
+    check(make_install(prefix, "QMAILBIN=" + str(qmailbin)))
+    assert os.readlink(target) == venv_script(prefix, "qmail-smtpd-py")
+    monkeypatch.setattr(helpers, "SERVER", str(target))
+    res = helpers.run_smtp(b"QUIT\r\n", home=make_home())
+    assert res.out == b"220 mx.example.org ESMTP\r\n221 mx.example.org\r\n"
+    assert res.status == 0

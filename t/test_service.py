@@ -1,0 +1,145 @@
+"""service/qmail-smtpd-py, the daemontools service directory, run as an administrator
+would run it: the real `supervise` on a copy of it, the real `tcprules` building its
+tcp.smtp.cdb and `swaks` as the client. The test changes only files in env/ (listen on
+127.0.0.1 and a free port, the test's qmail home and fake queue, PATH with the installed
+qmail-smtpd-py first, no SMTPUSER), so what is exercised is the shipped run script."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from helpers import BIN_DIR, REPO, free_port, require_server, require_tools
+
+SERVICE = os.path.join(REPO, "service", "qmail-smtpd-py")
+FOREIGN = "rcpt@foreign.example"
+LOCAL = "rcpt@example.com"  # in the default control/rcpthosts
+REFUSED = b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)"
+
+
+def write_env(service, name, value):
+    """env/NAME as envdir reads it: None = a 0-byte file (envdir removes the variable)."""
+    with open(os.path.join(service, "env", name), "w") as f:
+        f.write("" if value is None else value + "\n")
+
+
+def build_rules(service, rules):
+    with open(os.path.join(service, "tcp.smtp"), "w") as f:
+        f.write(rules)
+    with open(os.path.join(service, "tcp.smtp"), "rb") as src:
+        subprocess.run(["tcprules", "tcp.smtp.cdb", "tcp.smtp.tmp"], stdin=src,
+                       cwd=service, check=True, timeout=30)
+
+
+def wait_port(port, proc, log, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("supervise exited (%s): %r" % (proc.returncode, log.read_bytes()))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.settimeout(5)
+                if s.recv(512).startswith(b"220 "):
+                    s.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    pytest.fail("nothing answered on port %d: %r" % (port, log.read_bytes()))
+
+
+def swaks(port, to, *extra):
+    p = subprocess.run(["swaks", "--server", "127.0.0.1:%d" % port, "--helo", "client.test",
+                        "--from", "sender@client.test", "--to", to, "--timeout", "20",
+                        *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                       timeout=60)
+    return p.returncode, p.stdout
+
+
+def group_alive(pgid):
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture
+def service(tmp_path, make_home):
+    """A copy of service/qmail-smtpd-py set up for this test: (directory, home, port)."""
+    require_tools("supervise", "svc", "tcpserver", "tcprules", "swaks", "envdir")
+    require_server()
+    home = make_home()
+    directory = str(tmp_path / "qmail-smtpd-py")
+    shutil.copytree(SERVICE, directory, ignore=shutil.ignore_patterns(
+        "supervise", "tcp.smtp.cdb", "tcp.smtp.tmp", "main"))
+    port = free_port()
+    write_env(directory, "IP", "127.0.0.1")
+    write_env(directory, "PORT", str(port))
+    write_env(directory, "MAXCONN", "5")
+    write_env(directory, "SMTPUSER", None)  # tcpserver keeps the test's uid
+    write_env(directory, "QMAILHOME", home.path)
+    write_env(directory, "QMAILQUEUE", home.queue.path)
+    write_env(directory, "PATH", BIN_DIR + ":" + os.environ.get("PATH", "/usr/bin:/bin"))
+    return directory, home, port
+
+
+def test_supervised_service_relays_by_tcprules(service, tmp_path):
+    directory, home, port = service
+    build_rules(directory, '127.:allow,RELAYCLIENT=""\n:allow\n')
+    log = tmp_path / "supervise.log"
+    env = {"PATH": BIN_DIR + ":" + os.environ.get("PATH", "/usr/bin:/bin")}
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(["supervise", directory], env=env, stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_port(port, proc, log)
+
+        # 127.0.0.1 matches 127.: RELAYCLIENT is set, a foreign recipient is accepted
+        status, out = swaks(port, FOREIGN)
+        assert status == 0, out
+        assert b"<-  250 ok " in out, out
+        queued = home.queued()
+        assert len(queued) == 1
+        assert queued[0].sender == b"sender@client.test"
+        assert queued[0].recipients == [FOREIGN.encode()]
+        # the local name came from control/me (env/LOCALNAME is a 0-byte file)
+        assert b"by mx.example.org with SMTP" in queued[0].received, queued[0].received
+
+        # new rules without RELAYCLIENT: tcpserver reads the cdb per connection
+        build_rules(directory, ":allow\n")
+        status, out = swaks(port, FOREIGN, "--quit-after", "RCPT")
+        assert status != 0, out
+        assert REFUSED in out, out
+        status, out = swaks(port, LOCAL)
+        assert status == 0, out
+        queued = home.queued()
+        assert len(queued) == 2
+        assert queued[1].recipients == [LOCAL.encode()]
+
+        # the tcpserver -v log went through supervise's stdout (the log service's pipe)
+        text = log.read_bytes()
+        assert b"tcpserver: status: 0/5" in text, text
+        assert b"tcpserver: ok " in text, text
+
+        subprocess.run(["svc", "-dx", directory], check=True, timeout=30)
+        proc.wait(20)
+        deadline = time.monotonic() + 20
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not group_alive(proc.pid), "processes of the service are left over"
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, "port still open"
+    finally:
+        if proc.poll() is None or group_alive(proc.pid):
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if proc.poll() is None:
+            proc.wait()
