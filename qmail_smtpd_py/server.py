@@ -324,6 +324,8 @@ def serve(args=(), qmail_home=None, environ=None):
 
     if environ is None:
         environ = os.environb
+    if b"TCPREMOTEIP" not in environ:  # not under tcpserver: systemd, inetd, ...
+        environ = peer_environment(environ)
     if qmail_home is None:
         qmail_home = environ.get(b"QMAILHOME", b"/var/qmail")
     try:
@@ -337,6 +339,43 @@ def serve(args=(), qmail_home=None, environ=None):
     return Driver(session, config.timeout,
                   plugin_time_limit=_time_limit(environ, b"SPPTIMEOUT"),
                   program_time_limit=_time_limit(environ, b"SMTPEXTFORKTIMEOUT")).run()
+
+
+def peer_environment(environ, fd=0):
+    """tcpserver's TCP variables from systemd's REMOTE_ADDR/REMOTE_PORT
+    (Accept=yes sockets) or, for inetd-style launchers, from the socket on
+    fd itself.  On a pipe nothing is added (the variables stay unknown)."""
+    env = dict(environ)
+    if b"REMOTE_ADDR" in env:
+        env[b"TCPREMOTEIP"] = _unmapped(env[b"REMOTE_ADDR"])
+        if b"REMOTE_PORT" in env:
+            env[b"TCPREMOTEPORT"] = env[b"REMOTE_PORT"]
+        return env
+    import socket
+    copy = os.dup(fd)  # the socket object owns and closes the copy, not fd
+    try:
+        sock = socket.socket(fileno=copy)
+    except OSError:  # not a socket
+        os.close(copy)
+        return env
+    with sock:
+        try:
+            remote, local = sock.getpeername(), sock.getsockname()
+        except OSError:
+            return env
+    if not isinstance(remote, tuple):  # e.g. a Unix socket: no addresses
+        return env
+    env[b"PROTO"] = b"TCP"
+    env[b"TCPREMOTEIP"] = _unmapped(remote[0].encode())
+    env[b"TCPREMOTEPORT"] = b"%d" % remote[1]
+    env.setdefault(b"TCPLOCALIP", _unmapped(local[0].encode()))
+    env.setdefault(b"TCPLOCALPORT", b"%d" % local[1])
+    return env
+
+
+def _unmapped(ip):
+    """::ffff:192.0.2.1 (an IPv4 client on an IPv6 socket) -> 192.0.2.1."""
+    return ip[7:] if ip.startswith(b"::ffff:") and b"." in ip else ip
 
 
 def _time_limit(environ, name):
