@@ -4,9 +4,12 @@ server, not a queue)."""
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 BIN_DIR = os.path.dirname(sys.executable)
 SERVER = os.environ.get("QMAIL_SMTPD_PY_SERVER") or os.path.join(BIN_DIR, "qmail-smtpd-py")
@@ -63,3 +66,46 @@ def session(message):
 def check(out, status):
     if status != 0 or b"\r\n250 ok " not in out or not out.endswith(b"221 bench.example\r\n"):
         sys.exit("unexpected session result (exit %s): %r" % (status, out[-300:]))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(mode, env, local_name, program=SERVER, log=None):
+    """`qmail-smtpd-py serve` (mode "resident") or tcpserver running program on a free
+    loopback port, output to the file log or nowhere; returns (process, port)."""
+    port = free_port()
+    if mode == "resident":
+        cmd = [SERVER, "serve", "-c", "40", "-l", local_name, "127.0.0.1", str(port)]
+    else:
+        cmd = ["tcpserver", "-H", "-R", "-l", local_name, "-c", "40", "127.0.0.1", str(port),
+               program]
+    out = open(log, "wb") if log else subprocess.DEVNULL
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                start_new_session=True)
+    finally:
+        if log:
+            out.close()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return proc, port
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    stop_server(proc)
+    sys.exit("%s server did not start" % mode)
+
+
+def stop_server(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    proc.wait()

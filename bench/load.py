@@ -38,7 +38,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +45,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import SERVER  # noqa: E402
+from _common import SERVER, start_server, stop_server  # noqa: E402
 
 ME = "load.example"
 HOSTS = "example.com\n"
@@ -461,45 +460,6 @@ def client_main(index, port, seed, until, out):
                    "errors": c.errors}, f)
 
 
-# ------------------------------------------------------------------ server
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(mode, env):
-    port = free_port()
-    if mode == "resident":
-        cmd = [SERVER, "serve", "-c", "40", "-l", ME, "127.0.0.1", str(port)]
-    else:
-        cmd = ["tcpserver", "-H", "-R", "-l", ME, "-c", "40", "127.0.0.1", str(port), SERVER]
-    log = open(os.path.join(env["QMAILHOME"], "..", "server.log"), "wb")
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                            start_new_session=True)
-    log.close()
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, port
-        except OSError:
-            if proc.poll() is not None:
-                break
-            time.sleep(0.05)
-    stop(proc)
-    sys.exit("load: FAILED %s server did not start" % mode)
-
-
-def stop(proc):
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 # ------------------------------------------------------------------ verification
 
 def verify(qdir, records):
@@ -606,7 +566,8 @@ def main():
         args.mode, args.clients, args.seconds, kind, ", faults ~20%" if args.faults else "",
         seed), flush=True)
 
-    proc, port = start(args.mode, env)
+    proc, port = start_server(args.mode, env, ME,
+                              log=os.path.join(env["QMAILHOME"], "..", "server.log"))
     failed = True
     try:
         started = time.monotonic()
@@ -632,7 +593,7 @@ def main():
         time.sleep(0.5)  # let the server finish with connections the clients dropped
         server_alive = proc.poll() is None
     finally:
-        stop(proc)
+        stop_server(proc)
 
     try:
         stats, codes, records, errors = collections.Counter(), collections.Counter(), [], []

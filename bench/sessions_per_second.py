@@ -10,53 +10,19 @@ the discarding one of _common.py, so the figure is the SMTP front end's.
 
 import os
 import shutil
-import signal
 import socket
 import statistics
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import SERVER, session, setup  # noqa: E402
+from _common import SERVER, session, setup, start_server, stop_server  # noqa: E402
 
 CLIENTS = (1, 2, 4, 8)
 ROUNDS = 3
 SECONDS = 2.0  # per client count, mode and round
 MESSAGE = b"Subject: bench\r\n\r\n" + (b"x" * 76 + b"\r\n") * 26
 QPSMTPD = shutil.which("qpsmtpd")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(mode, env):
-    port = free_port()
-    if mode == "resident":
-        cmd = [SERVER, "serve", "-c", "40", "-l", "bench.example", "127.0.0.1", str(port)]
-    else:
-        program = QPSMTPD if mode == "qpsmtpd" else SERVER
-        cmd = ["tcpserver", "-H", "-R", "-l", "bench.example", "-c", "40", "127.0.0.1",
-               str(port), program]
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, port
-        except OSError:
-            time.sleep(0.05)
-    stop(proc)
-    sys.exit("%s did not start" % mode)
-
-
-def stop(proc):
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait()
 
 
 def client(port, data, until):
@@ -111,11 +77,12 @@ def main():
         for _ in range(ROUNDS):
             for clients in CLIENTS:
                 for mode in modes:
-                    proc, port = start(mode, env)
+                    proc, port = start_server(mode, env, "bench.example",
+                                               QPSMTPD if mode == "qpsmtpd" else SERVER)
                     try:
                         results[mode, clients].append(measure(port, clients))
                     finally:
-                        stop(proc)
+                        stop_server(proc)
         for clients in CLIENTS:
             figures = {m: statistics.median(results[m, clients]) for m in modes}
             print("sessions_per_second: %d client%s: %s; resident/tcpserver %.1fx" % (

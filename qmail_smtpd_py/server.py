@@ -68,8 +68,12 @@ class Driver:
         except _Done as done:
             return done.code
         except Exception as e:  # a bug: one log line, a 451, never a traceback
-            log("internal error: %s: %s at %s" % (type(e).__name__, e, _where(e)))
-            self.session.out += replies.INTERNAL
+            if isinstance(e, MemoryError):  # as qmail: 421 out of memory
+                log("fatal: out of memory at %s" % _where(e))
+                self.session.out += replies.NOMEM
+            else:
+                log("internal error: %s: %s at %s" % (type(e).__name__, e, _where(e)))
+                self.session.out += replies.INTERNAL
             try:
                 self.flush()
             except Exception:  # _Done, or a TLS layer in trouble: nothing more to say

@@ -260,3 +260,29 @@ def test_spp_headers_and_deferred_errors_are_bounded():
     message = r.queued[0][0]
     assert MAX_TEXT - 1000 < message.count(b"X-Flood") * len(flood) < MAX_TEXT
     assert b"451 z" not in r.output  # the oversized LD line was not kept
+
+
+def test_driver_answers_out_of_memory_with_qmails_421(monkeypatch):
+    """spec §1: out of memory anywhere -> 421 out of memory (#4.3.0), exit 1."""
+    import os
+    from qmail_smtpd_py import effects, server
+
+    class Session:
+        out = bytearray(b"220 x ESMTP\r\n")
+
+        def run(self):
+            yield effects.NOW
+
+    def exhausted(driver, request):
+        raise MemoryError()
+
+    monkeypatch.setitem(server.Driver._HANDLERS, effects.Now, exhausted)
+    r_in, w_in = os.pipe()
+    r_out, w_out = os.pipe()
+    try:
+        status = server.Driver(Session(), 5, infd=r_in, outfd=w_out).run()
+        assert status == 1
+        assert os.read(r_out, 4096) == b"220 x ESMTP\r\n421 out of memory (#4.3.0)\r\n"
+    finally:
+        for fd in (r_in, w_in, r_out, w_out):
+            os.close(fd)
