@@ -14,7 +14,7 @@ PORT ?= 2525
 RUNDIR ?= run
 
 STAMP := $(VENV)/.installed
-SOURCES := setup.cfg pyproject.toml $(wildcard qmail_smtpd_py/*.py qmail_smtpd_py/*/*.py) $(wildcard bin/*)
+SOURCES := setup.cfg pyproject.toml $(wildcard qmail_smtpd_py/*.py qmail_smtpd_py/*/*.py) $(wildcard bin/*) $(wildcard plugins/*)
 BIN := $(CURDIR)/$(VENV)/bin
 
 .PHONY: all venv .venv run tcpserver test pytest conformance bench clean fuzz install
@@ -36,13 +36,13 @@ $(STAMP): $(SOURCES)
 	rm -rf build
 	@touch $@
 
-# tcpserver comes from Debian's ucspi-tcp; install it when missing and we are root.
+# tcpserver comes from Debian's ucspi-tcp-ipv6 (ucspi-tcp plus IPv6); install it when missing and we are root.
 tcpserver:
 	@command -v tcpserver >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y ucspi-tcp; \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y ucspi-tcp-ipv6; \
 	  else \
-	    echo "make: tcpserver not found: install ucspi-tcp (apt-get install ucspi-tcp)" >&2; \
+	    echo "make: tcpserver not found: install ucspi-tcp-ipv6 or ucspi-tcp (apt-get install ucspi-tcp-ipv6)" >&2; \
 	    exit 1; \
 	  fi; }
 
@@ -122,6 +122,9 @@ LIBDIR := $(PREFIX)/lib/qmail-smtpd-py
 MAN8DIR := $(PREFIX)/share/man/man8
 SAMPLEDIR := $(PREFIX)/share/qmail-smtpd-py/control
 SAMPLES := $(wildcard control/*)
+# The sample qmail-spp plugins: pip installs them into $(LIBDIR)/bin, with the venv's
+# python; $(LIBDIR)/plugins/NAME links to each, the path to write in smtpplugins.
+PLUGINS := $(notdir $(wildcard plugins/*))
 
 install:
 	@if [ -n "$(QMAILBIN)" ]; then \
@@ -138,9 +141,11 @@ install:
 	  echo "make install: '$(PYTHON) -m venv' failed; on Debian: apt-get install python3-venv" >&2; \
 	  exit 1; }
 	rm -rf build
-	"$(DESTDIR)$(LIBDIR)/bin/python" -m pip install --quiet --disable-pip-version-check "$(CURDIR)"
+	"$(DESTDIR)$(LIBDIR)/bin/python" -m pip install --quiet --disable-pip-version-check "$(CURDIR)[dns]"
 	rm -rf build
-	install -d "$(DESTDIR)$(PREFIX)/bin" "$(DESTDIR)$(MAN8DIR)" "$(DESTDIR)$(SAMPLEDIR)"
+	install -d "$(DESTDIR)$(PREFIX)/bin" "$(DESTDIR)$(MAN8DIR)" "$(DESTDIR)$(SAMPLEDIR)" \
+	  "$(DESTDIR)$(LIBDIR)/plugins"
+	for p in $(PLUGINS); do ln -sfn "../bin/$$p" "$(DESTDIR)$(LIBDIR)/plugins/$$p"; done
 	ln -sfn "$(LIBDIR)/bin/qmail-smtpd-py" "$(DESTDIR)$(PREFIX)/bin/qmail-smtpd-py"
 	ln -sfn "$(LIBDIR)/bin/qmail-queue-maildir" "$(DESTDIR)$(PREFIX)/bin/qmail-queue-maildir"
 	install -m 644 man/qmail-smtpd-py.8 "$(DESTDIR)$(MAN8DIR)/qmail-smtpd-py.8"

@@ -107,6 +107,8 @@ def make_config(rng):
         if rng.random() < 0.3:
             env[b"554SMTPEXTFORK"] = b"custom text"
         desc["extfork"] = True
+    kw["log_level"] = rng.choice([0, 1, 1, 2, 3])
+    kw["smtputf8"] = rng.random() < 0.2
     if rng.random() < 0.15:
         env[b"RELAYCLIENT"] = rng.choice([b"", b"+rc"])
     if rng.random() < 0.1:
@@ -346,7 +348,10 @@ def drive(cfg, env, pieces, answers, max_steps):
                     marks.append(len(output))
                 answer = (status, errtext)
         elif isinstance(request, effects.Log):
-            pass
+            # One event, one line of printable text: client bytes are escaped.
+            text = request.text
+            if not text.isprintable() or not text.isascii():
+                raise AssertionError("log line not one printable line: %r" % text)
         elif isinstance(request, effects.PluginStart):
             out, plugin_status, failure = answers.plugin_output()
             if failure is not None:

@@ -1,9 +1,9 @@
 """Command line entry point.
 
 The per-connection path (no arguments, as tcpserver runs it) goes straight
-to the driver, `serve` to the resident mode and `check` to the control-file
-checker: click is imported only for options and --help, because every import
-costs every connection.
+to the driver, `serve` to the resident mode, `check` to the control-file
+checker and `plugin-test` to the plugin tester: click is imported only for
+options and --help, because every import costs every connection.
 """
 
 import os
@@ -18,6 +18,9 @@ def main(argv=None):
     if args[:1] == ["check"]:
         from .check import main as check_main
         return check_main(args[1:])
+    if args[:1] == ["plugin-test"]:
+        from .plugin_test import main as plugin_test_main
+        return plugin_test_main(args[1:])
     if not args or not args[0].startswith("-"):
         from .server import serve
         code = serve(args)
@@ -41,7 +44,8 @@ def _click_main(args):
 
         `qmail-smtpd-py serve ...` is the resident mode: see
         `qmail-smtpd-py serve --help`.  `qmail-smtpd-py check [--qmail-home DIR]`
-        looks over the control files for mistakes.
+        looks over the control files for mistakes.  `qmail-smtpd-py plugin-test
+        PLUGIN [ARG...]` tries a qmail-spp plugin out (see its --help).
 
         CHECKPASSWORD: for SMTP AUTH, the checkpassword command line
         (e.g. /bin/checkpassword /bin/true); the old form HOSTNAME
@@ -55,12 +59,16 @@ def _click_main(args):
           QMAILQUEUE    queue program (default bin/qmail-queue in the qmail home)
           QMAILHOME     qmail home (default /var/qmail)
           SMTPMAXLINE   longest command line accepted (default 65536 bytes)
+          SMTPUTF8      1: offer SMTPUTF8 (RFC 6531); off: netqmail's EHLO
+          SMTPLOGLEVEL  log: 0 errors, 1 events (default), 2 +commands,
+                        3 +replies; never passwords
           NOSPP         qmail-spp off (control/smtpplugins then not needed)
           SPPCONFFILE   qmail-spp configuration instead of control/smtpplugins
           SPPTIMEOUT    seconds a qmail-spp plugin may run (default: no limit);
                         a plugin over it is killed and treated as crashed
           SMTPEXTFORK   programs judging each RCPT (SMTPEXTFORKR: for relay
-                        clients); 421SMTPEXTFORK... custom texts; XF_QUITASAP
+                        clients); 421SMTPEXTFORK ... 554SMTPEXTFORK: custom
+                        texts; XF_QUITASAP: close after a refusal
           SMTPEXTFORKTIMEOUT  seconds an SMTPEXTFORK program may run (default:
                         no limit); one over it is killed (the RCPT is accepted)
           SMTPAUTH      AUTH mode: "" LOGIN PLAIN, cram, +cram, ! (required),

@@ -76,17 +76,26 @@ def c_int(value):
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
+# SMTPLOGLEVEL: what goes to the log (stderr).  Errors are always logged;
+# the default adds one line per connection event (connect, accept, each
+# refusal, AUTH, TLS, close); 2 adds every command (AUTH arguments hidden),
+# 3 every reply.
+LOG_ERRORS, LOG_EVENTS, LOG_COMMANDS, LOG_REPLIES = 0, 1, 2, 3
+
+
 class Config:
     """Everything the session needs from control/ and the start-up environment."""
 
     __slots__ = ("greeting", "localiphost", "timeout", "rcpthosts", "morercpthosts",
                  "badmailfrom", "databytes", "max_line", "plugins", "auth_mode",
-                 "checkpassword", "auth_hostname", "tls", "smtps", "force_tls", "require_tls")
+                 "checkpassword", "auth_hostname", "tls", "smtps", "force_tls", "require_tls",
+                 "smtputf8", "log_level")
 
     def __init__(self, greeting, localiphost=None, timeout=1200, rcpthosts=None,
                  morercpthosts=None, badmailfrom=None, databytes=0, max_line=DEFAULT_MAX_LINE,
                  plugins=None, auth_mode=None, checkpassword=(), auth_hostname=None,
-                 tls=False, smtps=False, force_tls=False, require_tls=False):
+                 tls=False, smtps=False, force_tls=False, require_tls=False, smtputf8=False,
+                 log_level=LOG_EVENTS):
         self.greeting = greeting          # bytes, used verbatim in 220/250/221
         self.localiphost = localiphost    # bytes or None (feature off)
         self.timeout = timeout            # seconds for each read and write
@@ -103,6 +112,8 @@ class Config:
         self.smtps = smtps                # SMTPS set: TLS from the first byte
         self.force_tls = force_tls        # FORCETLS: no AUTH before TLS
         self.require_tls = require_tls    # TLSREQUIRED: no MAIL before TLS
+        self.smtputf8 = smtputf8          # SMTPUTF8: offer RFC 6531 (off: netqmail's EHLO)
+        self.log_level = log_level        # SMTPLOGLEVEL: LOG_ERRORS ... LOG_REPLIES
 
 
 class _CheckedCdb:
@@ -199,9 +210,15 @@ def load(environ, args=()):
     return Config(greeting, localiphost, timeout, rcpthosts, morercpthosts,
                   badmailfrom, databytes, max_line, plugins, auth_mode, checkpassword,
                   auth_hostname, tls, b"SMTPS" in environ, _flag(environ, b"FORCETLS"),
-                  _flag(environ, b"TLSREQUIRED"))
+                  _flag(environ, b"TLSREQUIRED"), _flag(environ, b"SMTPUTF8"),
+                  _log_level(environ))
 
 
 def _flag(environ, name):
     """An on/off variable: set and not empty or "0"."""
     return environ.get(name, b"") not in (b"", b"0")
+
+
+def _log_level(environ):
+    level = environ.get(b"SMTPLOGLEVEL", b"")
+    return min(int(level), LOG_REPLIES) if level.isdigit() else LOG_EVENTS

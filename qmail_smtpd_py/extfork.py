@@ -42,6 +42,7 @@ class ExtFork:
 
     def __init__(self):
         self.warned_relay = False
+        self.refused_by = None  # the program behind the last refusal, for the log
 
     def check(self, env, relay, mailfrom, helo, rcpt):
         """Run the programs for one recipient (generator).  Returns the
@@ -71,6 +72,7 @@ class ExtFork:
                 return None
             if status in REPLIES:
                 yield Log("XF (%d): %s" % (status, name))
+                self.refused_by = program
                 return reply(status, env)
             if status == 0:
                 yield Log("XF (0): %s" % name)

@@ -146,19 +146,26 @@ def _parse_rule(data):
 
 
 def connection_env(base, local, remote, local_name):
-    """The environment of a `tcpserver -H -R [-l NAME]` child."""
+    """The environment of a `tcpserver -H -R [-l NAME]` child, as Debian's
+    ucspi-tcp-ipv6 sets it: TCP* as in ucspi-tcp (an IPv4 client on an IPv6
+    socket shows as plain IPv4), PROTO=TCP6 for IPv6 clients, and every
+    variable again as TCP6* with IPv4 addresses in their ::ffff: form."""
     env = dict(base)
-    for name in (b"TCPREMOTEHOST", b"TCPREMOTEINFO", b"TCPLOCALHOST", b"LISTEN_FDS",
-                 b"LISTEN_PID", b"LISTEN_FDNAMES"):
+    for name in (b"TCPREMOTEHOST", b"TCPREMOTEINFO", b"TCPLOCALHOST", b"TCP6REMOTEHOST",
+                 b"TCP6REMOTEINFO", b"TCP6LOCALHOST", b"LISTEN_FDS", b"LISTEN_PID",
+                 b"LISTEN_FDNAMES"):
         env.pop(name, None)
-    env[b"PROTO"] = b"TCP"
-    env[b"TCPLOCALIP"] = local[0].encode()
-    env[b"TCPLOCALPORT"] = b"%d" % local[1]
-    env[b"TCPREMOTEIP"] = remote[0].encode()
-    env[b"TCPREMOTEPORT"] = b"%d" % remote[1]
+    remote_ip = server.unmapped(remote[0].encode())
+    env[b"PROTO"] = b"TCP6" if b":" in remote_ip else b"TCP"
+    for side, (ip, port) in ((b"LOCAL", local[:2]), (b"REMOTE", remote[:2])):
+        ip = server.unmapped(ip.encode())
+        env[b"TCP%sIP" % side] = ip
+        env[b"TCP6%sIP" % side] = ip if b":" in ip else b"::ffff:" + ip
+        env[b"TCP%sPORT" % side] = env[b"TCP6%sPORT" % side] = b"%d" % port
     if local_name is not None:
-        env[b"TCPLOCALHOST"] = local_name.encode()
+        env[b"TCPLOCALHOST"] = env[b"TCP6LOCALHOST"] = local_name.encode()
     return env
+
 
 
 class Resident:

@@ -11,11 +11,14 @@ import sys
 import time
 
 from . import replies
+from .control import LOG_REPLIES
 from .effects import (
     PROGRAM_CRASHED, PROGRAM_NOT_STARTED, QUEUE_EXEC_FAILED, Exit, LocalIPs, Log, Now,
     CheckPassword, PluginFinish, PluginRead, PluginStart, QueueFinish, QueueStart, QueueWrite,
     Read, RunProgram, Sleep, TLSClientCert, TLSHandshake, TLSStart,
 )
+
+from .logline import word
 
 READ_SIZE = 1 << 16
 
@@ -27,11 +30,9 @@ class _Done(Exception):
 
 
 def log(text):
-    """One line on stderr, prefixed with our pid (multilog adds the time)."""
-    try:
-        os.write(2, ("%d %s\n" % (os.getpid(), text)).encode("utf-8", "backslashreplace"))
-    except OSError:
-        pass
+    """One line on stderr, prefixed with our pid (multilog adds the time);
+    a connection's lines go through Driver.log, which adds the client."""
+    _write_quietly(2, ("%d %s\n" % (os.getpid(), text)).encode("utf-8", "backslashreplace"))
 
 
 class Driver:
@@ -48,6 +49,10 @@ class Driver:
         self.outfd = outfd
         self.queue = None
         self.queue_program = None
+        # logline.py: "<pid> <client ip> <event> ..."
+        self.log_prefix = "%d %s " % (os.getpid(), word(session.remoteip))
+        self.log_replies = session.log_level >= LOG_REPLIES
+        self._replies_logged = 0  # how much of session.out the log has shown
         self._local_ips = None
         self._in_poll = select.poll()
         self._in_poll.register(infd, select.POLLIN)
@@ -69,10 +74,10 @@ class Driver:
             return done.code
         except Exception as e:  # a bug: one log line, a 451, never a traceback
             if isinstance(e, MemoryError):  # as qmail: 421 out of memory
-                log("fatal: out of memory at %s" % _where(e))
+                self.log("fatal: out of memory at %s" % _where(e))
                 self.session.out += replies.NOMEM
             else:
-                log("internal error: %s: %s at %s" % (type(e).__name__, e, _where(e)))
+                self.log("internal error: %s: %s at %s" % (type(e).__name__, e, _where(e)))
                 self.session.out += replies.INTERNAL
             try:
                 self.flush()
@@ -85,12 +90,29 @@ class Driver:
             if self.plugin is not None:
                 self.plugin.finish()
 
+    def log(self, text):
+        if self.log_replies:
+            self._log_replies()
+        _write_quietly(2, (self.log_prefix + text + "\n").encode("utf-8", "backslashreplace"))
+
+    def _log_replies(self):
+        """SMTPLOGLEVEL 3: the replies queued since the last log line, so that
+        they appear in the log in the order the session made them."""
+        out = self.session.out
+        new, self._replies_logged = out[self._replies_logged:], len(out)
+        for line in new.splitlines():
+            _write_quietly(2, (self.log_prefix + "reply " + " ".join(map(word, line.split(b" ")))
+                               + "\n").encode())
+
     # ------------------------------------------------------------ client I/O
 
     def flush(self):
         out = self.session.out
         if not out:
             return
+        if self.log_replies:
+            self._log_replies()
+            self._replies_logged = 0
         data = bytes(out)
         del out[:]
         if self.tls is not None:
@@ -148,12 +170,12 @@ class Driver:
             try:
                 self._local_ips = local_ipv4_addresses()
             except OSError as e:
-                log("unable to figure out my IP addresses: %s" % e)
+                self.log("unable to figure out my IP addresses: %s" % e)
                 return None
         return self._local_ips
 
     def write_log(self, request):
-        log(request.text)
+        self.log(request.text)
 
     def queue_start(self, request):
         from .queue import QueueProcess
@@ -163,9 +185,9 @@ class Driver:
             self.queue = QueueProcess(self.queue_program, request.env)
         except OSError as e:
             if e.errno in _CANNOT_START:
-                log("qqt failure: %s" % e)
+                self.log("qqt failure: %s" % e)
                 return None
-            log("unable to exec %s: %s" % (_text(self.queue_program), e.strerror))
+            self.log("unable to exec %s: %s" % (_text(self.queue_program), e.strerror))
             return QUEUE_EXEC_FAILED
         return self.queue.pid
 
@@ -185,7 +207,7 @@ class Driver:
             self.plugin = PluginProcess(request.entry, request.env, self.plugin_time_limit)
         except OSError as e:
             if e.errno in _CANNOT_START:
-                log("qmail-spp: %s: %s" % (_text(request.entry), e.strerror))
+                self.log("qmail-spp: %s: %s" % (_text(request.entry), e.strerror))
                 return b"can't pipe()" if e.errno in (23, 24) else b"fork() failed"
             return b"can't execute"
         except ValueError:  # a NUL byte in the path or the environment
@@ -201,7 +223,7 @@ class Driver:
         plugin, self.plugin = self.plugin, None
         status = plugin.finish()
         if plugin.killed:
-            log("qmail-spp: pid %d killed after its time limit of %gs"
+            self.log("qmail-spp: pid %d killed after its time limit of %gs"
                 % (plugin.pid, self.plugin_time_limit))
         return status
 
@@ -220,7 +242,7 @@ class Driver:
             return 111
         if self.program_time_limit and not _exits_within(pid, self.program_time_limit):
             os.kill(pid, 9)  # SIGKILL: reported as death by a signal (stop, accept)
-            log("XF: %s killed after its time limit of %gs"
+            self.log("XF: %s killed after its time limit of %gs"
                 % (_text(request.path), self.program_time_limit))
         _, status = os.waitpid(pid, 0)
         return PROGRAM_CRASHED if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
@@ -256,7 +278,7 @@ class Driver:
             os.close(writable)
             if isinstance(e, OSError) and e.errno in _CANNOT_START:
                 return "fork"
-            log("unable to run checkpassword %s: %s" % (_text(argv[0]), e))
+            self.log("unable to run checkpassword %s: %s" % (_text(argv[0]), e))
             return 1  # the patch's child exits 1 when exec fails: authentication fails
         finally:
             os.close(readable)
@@ -272,9 +294,9 @@ class Driver:
     def tls_start(self, request):
         from .tls import TLSSetupError, make_context
         try:
-            self.tls_context = make_context(self.session.env, log)
+            self.tls_context = make_context(self.session.env, self.log)
         except TLSSetupError as e:
-            log("TLS set-up failed: %s" % _text(e.args[0]))
+            self.log("TLS set-up failed: %s" % _text(e.args[0]))
             return e.args[0]
         return None
 
@@ -286,7 +308,7 @@ class Driver:
         if ok:
             self.tls = connection
         else:
-            log("TLS handshake failed: %s" % _text(detail))
+            self.log("TLS handshake failed: %s" % _text(detail))
         return ok, detail
 
     def tls_client_cert(self, request):
@@ -351,7 +373,7 @@ def peer_environment(environ, fd=0):
     fd itself.  On a pipe nothing is added (the variables stay unknown)."""
     env = dict(environ)
     if b"REMOTE_ADDR" in env:
-        env[b"TCPREMOTEIP"] = _unmapped(env[b"REMOTE_ADDR"])
+        env[b"TCPREMOTEIP"] = unmapped(env[b"REMOTE_ADDR"])
         if b"REMOTE_PORT" in env:
             env[b"TCPREMOTEPORT"] = env[b"REMOTE_PORT"]
         return env
@@ -370,14 +392,14 @@ def peer_environment(environ, fd=0):
     if not isinstance(remote, tuple):  # e.g. a Unix socket: no addresses
         return env
     env[b"PROTO"] = b"TCP"
-    env[b"TCPREMOTEIP"] = _unmapped(remote[0].encode())
+    env[b"TCPREMOTEIP"] = unmapped(remote[0].encode())
     env[b"TCPREMOTEPORT"] = b"%d" % remote[1]
-    env.setdefault(b"TCPLOCALIP", _unmapped(local[0].encode()))
+    env.setdefault(b"TCPLOCALIP", unmapped(local[0].encode()))
     env.setdefault(b"TCPLOCALPORT", b"%d" % local[1])
     return env
 
 
-def _unmapped(ip):
+def unmapped(ip):
     """::ffff:192.0.2.1 (an IPv4 client on an IPv6 socket) -> 192.0.2.1."""
     return ip[7:] if ip.startswith(b"::ffff:") and b"." in ip else ip
 

@@ -15,13 +15,15 @@ this file and the C side by side.
 """
 
 from . import address, auth, replies
-from .control import ControlError
+from .control import LOG_COMMANDS, LOG_EVENTS, ControlError
 from .data import BareLF, Blast
 from .effects import (
     LOCAL_IPS, NOW, QUEUE_EXEC_FAILED, READ, TLS_CLIENT_CERT, TLS_HANDSHAKE, TLS_START,
     CheckPassword, Exit, Log, QueueFinish, QueueStart, QueueWrite, Sleep,
 )
 from .extfork import QUITASAP_PAUSE, ExtFork
+from .logline import command_words, refusal_words
+from .logline import word as _show
 from .queue import EXEC_FAILED_STATUS, reply_for, status_text
 from .received import received
 from .spp import NORMAL, REJECT, Disconnect, Plugins
@@ -30,11 +32,12 @@ MAX_HOPS = 100
 
 
 class _End(Exception):
-    """Leave the command loop and exit with `code`."""
+    """Leave the command loop and exit with `code`; `why` goes into the log."""
 
-    def __init__(self, code):
+    def __init__(self, code, why):
         super().__init__(code)
         self.code = code
+        self.why = why
 
 
 def split_command(line):
@@ -78,44 +81,92 @@ class Session:
         self.tls_cert_reason = None    # why it did not allow relaying
         self.spp = Plugins(config.plugins)
         self.extfork = ExtFork()
+        self.log_level = config.log_level
+        self.verb = b"connect"     # the command being handled, for the log
+        self.utf8 = False          # this transaction asked for SMTPUTF8
+        self.messages = 0          # accepted in this connection
 
     # ------------------------------------------------------------ the loop
 
     def run(self):
         """The session generator; see effects.py for what it yields."""
+        logging = self.log_level >= LOG_EVENTS
+        if logging:
+            yield Log("connect host=%s port=%s%s" % (
+                _show(self.remotehost), _show(self.env.get(b"TCPREMOTEPORT", b"-")),
+                "" if self.relayclient is None else " relayclient"))
         try:
             if self.config.smtps:
                 yield from self._start_tls(implicit=True)
-            result, _ = yield from self.spp.hook(b"c", self.env, self.out)
+            result, _ = yield from self._plugins(b"c")
             if result != REJECT:
                 self.out += replies.greeting(self.config.greeting)
+            commands = self.log_level >= LOG_COMMANDS
             while True:
                 line = yield from self._read_line()
                 verb, arg = split_command(line)
+                self.verb = verb
+                if commands:
+                    yield Log("command " + command_words(verb, line))
                 handler = self._VERBS.get(verb)
                 if handler is None:
-                    self.out += replies.UNIMPLEMENTED
+                    yield from self._refuse(replies.UNIMPLEMENTED, "unimplemented")
                     continue
                 steps = handler(self, arg)
                 if steps is not None:  # the handler needs the outside world
                     yield from steps
         except _End as end:
-            code = end.code
+            code, why = end.code, end.why
         except Disconnect:
-            code = 0
+            code, why = 0, "plugin plugin=" + _show(self.spp.entry)
         except ControlError as e:
             yield Log("fatal: unable to read controls: %s" % e)
             self.out += replies.CONTROLS
-            code = 1
+            code, why = 1, "controls"
+        if logging:
+            yield Log("close status=%d why=%s messages=%d" % (code, why, self.messages))
         yield Exit(code)
+
+    def _refuse(self, reply, by, **fields):
+        """Send a refusal of the current command and log who refused it."""
+        self.out += reply
+        if self.log_level >= LOG_EVENTS:
+            yield Log(refusal_words(self.verb, reply, by, fields))
+
+    def _plugins(self, section, addr_var=None, addr=None):
+        """Run a qmail-spp hook; a refusal is logged with the plugin's name."""
+        mark = len(self.out)
+        try:
+            result, addr = yield from self.spp.hook(section, self.env, self.out, addr_var, addr)
+        except Disconnect:  # R or D: log the refusal (if any) before closing
+            if self.log_level >= LOG_EVENTS and len(self.out) > mark:
+                yield Log(self._plugin_refusal(mark))
+            raise
+        if result == REJECT and self.log_level >= LOG_EVENTS:
+            yield Log(self._plugin_refusal(mark))
+        return result, addr
+
+    def _plugin_refusal(self, mark):
+        return refusal_words(self.verb, self.out[mark:], "plugin", {"plugin": self.spp.entry})
+
+    def _deferred_refusal(self, which):
+        """Send an LM/LR/LD error of a plugin if one is pending; True if sent."""
+        mark = len(self.out)
+        entry = self.spp.pending_error(which, self.out)
+        if entry is None:
+            return False
+        if self.log_level >= LOG_EVENTS:
+            yield Log(refusal_words(self.verb, self.out[mark:], "plugin-deferred",
+                                    {"plugin": entry}))
+        return True
 
     def _fill(self):
         data = yield READ
         if data is None:
             self.out += replies.TIMEOUT
-            raise _End(1)
+            raise _End(1, "timeout")
         if not data:
-            raise _End(1)
+            raise _End(1, "eof")
         self._buf += data
 
     def _read_line(self, cut_at_nul=True):
@@ -132,7 +183,8 @@ class Session:
                 del buf[:lf + 1]
                 self._scanned = 0
                 too_long = False
-                self.out += replies.LINE_TOO_LONG
+                self.verb = b"-"
+                yield from self._refuse(replies.LINE_TOO_LONG, "max-line")
                 continue
             elif lf >= 0:
                 break
@@ -162,13 +214,15 @@ class Session:
 
     def _helo_plugins(self, arg):
         self.env[b"SMTPHELOHOST"] = arg
-        result, _ = yield from self.spp.hook(b"h", self.env, self.out)
+        result, _ = yield from self._plugins(b"h")
         return result != REJECT
 
     def ehlo_extensions(self):
         extensions = [b"PIPELINING", b"8BITMIME"]
         if self.config.tls and not self.in_tls:
             extensions.insert(0, b"STARTTLS")
+        if self.config.smtputf8:
+            extensions.append(b"SMTPUTF8")
         mode = self.config.auth_mode
         if mode is not None:  # the AUTH patch's EHLO
             if mode in auth.EHLO_LINES and not self._auth_needs_tls():
@@ -197,24 +251,24 @@ class Session:
 
     def smtp_quit(self, arg):
         self.out += replies.quit(self.config.greeting)
-        raise _End(0)
+        raise _End(0, "quit")
 
     def smtp_mail(self, arg):
         mode = self.config.auth_mode
         if mode is not None and mode > 10 and not self.authenticated:
-            self.out += auth.REQUIRED
+            yield from self._refuse(auth.REQUIRED, "auth-required")
             return
         if self.config.require_tls and not self.in_tls:
-            self.out += replies.TLS_MAIL_FIRST
+            yield from self._refuse(replies.TLS_MAIL_FIRST, "tls-required")
             return
         addr = yield from self._parse_address(arg)
         if addr is None:
-            self.out += replies.SYNTAX
+            yield from self._refuse(replies.SYNTAX, "syntax")
             return
-        if self.spp.pending_error(b"M", self.out):
+        if (yield from self._deferred_refusal(b"M")):
             return
         self.spp.rcptcount = self.spp.rcptcountall = 0
-        result, addr = yield from self.spp.hook(b"m", self.env, self.out, b"SMTPMAILFROM", addr)
+        result, addr = yield from self._plugins(b"m", b"SMTPMAILFROM", addr)
         if result == REJECT:
             return
         if mode is not None:  # the AUTH patch parses SIZE= and AUTH=
@@ -223,7 +277,7 @@ class Session:
                 self.remoteinfo = auth_user
                 self.env[b"TCPREMOTEINFO"] = auth_user
             if too_big:
-                self.out += replies.TOO_BIG
+                yield from self._refuse(replies.TOO_BIG, "databytes", **{"from": addr})
                 return
         # After O the check is skipped; qmail-spp kept the previous sender's
         # flag then, which DECISIONS.md fixes.
@@ -233,47 +287,51 @@ class Session:
         self.seenmail = True
         self.mailfrom = addr
         self.rcpts = []
+        self.utf8 = self.config.smtputf8 and _asks_for_utf8(arg)
         self.out += replies.OK
 
     def smtp_rcpt(self, arg):
         if not self.seenmail:
-            self.out += replies.WANT_MAIL
+            yield from self._refuse(replies.WANT_MAIL, "sequence")
             return
         addr = yield from self._parse_address(arg)
         if addr is None:
-            self.out += replies.SYNTAX
+            yield from self._refuse(replies.SYNTAX, "syntax")
             return
         if self.badmailfrom:
-            self.out += replies.BADMAILFROM
+            yield from self._refuse(replies.BADMAILFROM, "badmailfrom",
+                                    **{"from": self.mailfrom, "to": addr})
             return
         allowed = self.relayclient is not None or address.rcpthosts_allows(
             addr, self.config.rcpthosts, self.config.morercpthosts)
         spp = self.spp
-        if spp.pending_error(b"R", self.out):
+        if (yield from self._deferred_refusal(b"R")):
             return
         spp.rcptcountall += 1
         self.env[b"SMTPRCPTCOUNT"] = b"%d" % spp.rcptcount
         self.env[b"SMTPRCPTCOUNTALL"] = b"%d" % spp.rcptcountall
         self.env[b"SMTPRCPTHOSTSOK"] = b"1" if allowed else b"0"
-        result, addr = yield from spp.hook(b"r", self.env, self.out, b"SMTPRCPTTO", addr)
+        result, addr = yield from self._plugins(b"r", b"SMTPRCPTTO", addr)
         if result == REJECT:
             return
         if self.relayclient is not None:
             addr += self.relayclient
         elif result == NORMAL and not allowed:
             if not self.in_tls:
-                self.out += replies.NOGATEWAY
+                yield from self._refuse(replies.NOGATEWAY, "rcpthosts", to=addr)
                 return
             if not (yield from self._relay_by_client_cert()):
-                self.out += replies.tls_nogateway(self.tls_cert_reason)
+                yield from self._refuse(replies.tls_nogateway(self.tls_cert_reason),
+                                        "rcpthosts", to=addr)
                 return
         refusal = yield from self.extfork.check(
             self.env, self.relayclient is not None, self.mailfrom, self.helo, addr)
         if refusal is not None:
-            self.out += refusal
+            yield from self._refuse(refusal, "extfork", program=self.extfork.refused_by,
+                                    to=addr)
             if b"XF_QUITASAP" in self.env:
                 yield Sleep(QUITASAP_PAUSE)
-                raise _End(1)
+                raise _End(1, "extfork")
             return
         spp.rcptcount += 1
         self.rcpts.append(addr)
@@ -288,41 +346,42 @@ class Session:
                 mine = yield LOCAL_IPS
                 if mine is None:
                     self.out += replies.IPME
-                    raise _End(1)
+                    raise _End(1, "ipme")
                 if bracketed[1] in mine:
                     addr = bracketed[0] + self.config.localiphost
         return None if len(addr) >= address.MAX_ADDRESS else addr
 
     def smtp_data(self, arg):
         if not self.seenmail:
-            self.out += replies.WANT_MAIL
+            yield from self._refuse(replies.WANT_MAIL, "sequence")
             return
         if not self.rcpts:
-            self.out += replies.WANT_RCPT
+            yield from self._refuse(replies.WANT_RCPT, "sequence")
             return
-        if self.spp.pending_error(b"D", self.out):
+        if (yield from self._deferred_refusal(b"D")):
             return
-        result, _ = yield from self.spp.hook(b"d", self.env, self.out)
+        result, _ = yield from self._plugins(b"d")
         if result == REJECT:
             return
         self.seenmail = False
         qp = yield QueueStart(self.env)
         if qp is None:
-            self.out += replies.QQT_FAILURE
+            yield from self._refuse(replies.QQT_FAILURE, "queue")
             return
         self.out += replies.GO_AHEAD
         when = yield NOW
         blast = Blast(self.config.databytes)
         writing = qp != QUEUE_EXEC_FAILED
-        pending = received(self.protocol, self.local, self.remoteip, self.remotehost,
+        protocol = _utf8_protocol(self.protocol) if self.utf8 else self.protocol
+        pending = received(protocol, self.local, self.remoteip, self.remotehost,
                            self.remoteinfo, self.fakehelo, when) + self.spp.headers
         self.spp.reset()
         while True:
             try:
                 chunk, consumed, done = blast.feed(self._buf)
             except BareLF:
-                self.out += replies.BARE_LF
-                raise _End(1) from None
+                yield from self._refuse(replies.BARE_LF, "bare-lf")
+                raise _End(1, "bare-lf") from None
             del self._buf[:consumed]
             if writing and (pending or chunk):
                 writing = yield QueueWrite(pending + chunk if pending else chunk)
@@ -342,68 +401,70 @@ class Session:
         if not text:
             when = yield NOW
             self.out += replies.accepted(int(when), qp)
-            yield Log("accepted message qp %d bytes %d from <%s> rcpts %d" % (
-                qp, blast.size, _show(self.mailfrom), len(self.rcpts)))
+            self.messages += 1
+            if self.log_level >= LOG_EVENTS:
+                yield Log("accept qp=%d bytes=%d from=<%s> rcpts=%d" % (
+                    qp, blast.size, _show(self.mailfrom), len(self.rcpts)))
             return
         if looping:
-            reply = replies.LOOPING
+            reply, by = replies.LOOPING, "hops"
         elif self.config.databytes and blast.exceeded:
-            reply = replies.TOO_BIG
+            reply, by = replies.TOO_BIG, "databytes"
         else:
-            reply = reply_for(text)
-        self.out += reply
-        yield Log("message not queued: %s" % _show(reply.rstrip()))
+            reply, by = reply_for(text), "queue"
+        yield from self._refuse(reply, by, bytes=blast.size, **{"from": self.mailfrom})
 
     # ------------------------------------------------------------ AUTH
 
     def smtp_auth(self, arg):
         config = self.config
-        if config.auth_mode is None:
-            self.out += replies.UNIMPLEMENTED  # plain notqmail has no AUTH
+        if config.auth_mode is None:  # plain notqmail has no AUTH
+            yield from self._refuse(replies.UNIMPLEMENTED, "unimplemented")
             return
         if not config.auth_mode or not config.checkpassword:
-            self.out += auth.NOT_AVAILABLE
+            yield from self._refuse(auth.NOT_AVAILABLE, "auth-off")
             return
         if self.authenticated:
-            self.out += auth.ALREADY
+            yield from self._refuse(auth.ALREADY, "sequence")
             return
         if self.seenmail:
-            self.out += auth.DURING_MAIL
+            yield from self._refuse(auth.DURING_MAIL, "sequence")
             return
         if self._auth_needs_tls():
-            self.out += replies.TLS_AUTH_FIRST
+            yield from self._refuse(replies.TLS_AUTH_FIRST, "tls-required")
             return
         mechanism, _, arg = arg.partition(b" ")
         mechanism = mechanism.lower()
         dialogue = self._AUTH_MECHANISMS.get(mechanism)
         if dialogue is None:
-            self.out += auth.UNIMPLEMENTED
+            yield from self._refuse(auth.UNIMPLEMENTED, "unimplemented")
             return
         credentials = yield from dialogue(self, arg.lstrip(b" "))
         if credentials is None:
             return  # canceled or malformed: already answered
         user, secret, challenge = credentials
         if not user or not secret:
-            self.out += auth.MALFORMED
+            yield from self._refuse(auth.MALFORMED, "syntax")
             return
         data = user + b"\0" + secret + b"\0"
         if auth.sends_challenge(config.auth_mode):
             data += challenge + b"\0"
         status = yield CheckPassword(config.checkpassword, data, self.env)
         if status in auth.CHILD_FAILURES:
-            self.out += auth.CHILD_FAILURES[status]
+            yield from self._refuse(auth.CHILD_FAILURES[status], "checkpassword")
             return
         user = user.split(b"\0", 1)[0]
         if status != 0:
             yield Sleep(auth.FAIL_DELAY)
-            self.out += auth.FAILED
-            yield Log("AUTH %s failed for user %s" % (mechanism.decode(), _show(user)))
+            yield from self._refuse(auth.FAILED, "checkpassword", method=mechanism, user=user)
             return
         self.env[b"SMTPAUTHUSER"] = user
         self.env[b"SMTPAUTHMETHOD"] = mechanism
-        result, _ = yield from self.spp.hook(b"a", self.env, self.out)
+        result, _ = yield from self._plugins(b"a")
         if result == REJECT:
             return
+        if self.log_level >= LOG_EVENTS:
+            yield Log("auth method=%s user=%s" % (_show(mechanism), _show(user)))
         self.authenticated = True
         self.protocol = b"ESMTPA"
         self.relayclient = b""
@@ -419,10 +480,10 @@ class Session:
         """One line of the AUTH dialogue, decoded; None after '*' or an empty line."""
         line = yield from self._read_line(cut_at_nul=False)
         if line == b"*":
-            self.out += auth.CANCELED
+            yield from self._refuse(auth.CANCELED, "canceled")
             return None
         if not line:
-            self.out += auth.MALFORMED
+            yield from self._refuse(auth.MALFORMED, "syntax")
             return None
         return auth.b64decode(line)
 
@@ -467,13 +528,13 @@ class Session:
     # ------------------------------------------------------------ STARTTLS
 
     def smtp_starttls(self, arg):
-        if not self.config.tls:
-            self.out += replies.UNIMPLEMENTED  # no certificate: plain notqmail
+        if not self.config.tls:  # no certificate: plain notqmail
+            yield from self._refuse(replies.UNIMPLEMENTED, "unimplemented")
             return
         if arg:
-            self.out += replies.TLS_NO_PARAMETERS
+            yield from self._refuse(replies.TLS_NO_PARAMETERS, "syntax")
         elif self.in_tls:
-            self.out += replies.UNIMPLEMENTED
+            yield from self._refuse(replies.UNIMPLEMENTED, "sequence")
         else:
             yield from self._start_tls(implicit=False)
         # Whatever was pipelined behind STARTTLS was sent in clear text: a
@@ -486,15 +547,17 @@ class Session:
         if failure is not None:
             self.out += replies.tls_failure(failure)
             if implicit:
-                raise _End(1)
+                raise _End(1, "tls")
             return
         if not implicit:
             self.out += replies.TLS_READY
         ok, detail = yield TLS_HANDSHAKE
         if not ok:
             self.out += replies.tls_failure(b"connection failed: " + detail)
-            raise _End(1)
+            raise _End(1, "tls")
         self.in_tls = True
+        if self.log_level >= LOG_EVENTS:
+            yield Log("tls cipher=%s" % _show(detail))
         self.protocol = b"ESMTPS (" + detail + b" encrypted)"
         self._set_helo(self.remotehost)  # the client must say EHLO again
 
@@ -524,6 +587,12 @@ class Session:
     }
 
 
-def _show(raw):
-    """Bytes for a log line: printable, one line."""
-    return raw.decode("ascii", "backslashreplace").replace("\n", "\\n").replace("\r", "\\r")
+def _asks_for_utf8(arg):
+    """Whether the MAIL parameters after the address include SMTPUTF8 (RFC 6531)."""
+    params = arg[arg.find(b">") + 1:] if b">" in arg else b""
+    return any(word.upper() == b"SMTPUTF8" for word in params.split())
+
+
+def _utf8_protocol(protocol):
+    """RFC 6531's WITH value: SMTP -> UTF8SMTP, ESMTPA -> UTF8SMTPA, ..."""
+    return b"UTF8" + (protocol[1:] if protocol.startswith(b"E") else protocol)

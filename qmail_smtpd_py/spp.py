@@ -45,10 +45,11 @@ class _Deferred:
     fires and the reply stops at the first NUL, so text added after the first
     firing is never shown (spec spp.md §5.2)."""
 
-    __slots__ = ("text",)
+    __slots__ = ("text", "entry")
 
     def __init__(self):
         self.text = bytearray()
+        self.entry = None  # the plugin that deferred the error, for the log
 
     def fire(self):
         """The reply to send, or None if nothing is pending."""
@@ -68,6 +69,7 @@ class Plugins:
         self.deferred = {b"M": _Deferred(), b"R": _Deferred(), b"D": _Deferred()}
         self.rcptcount = 0                    # recipients accepted so far
         self.rcptcountall = 0                 # recipients that reached the plugins
+        self.entry = None                     # the plugin run last: who decided, for the log
 
     def reset(self):
         """RSET, and the start of each message body."""
@@ -77,12 +79,14 @@ class Plugins:
         self.rcptcount = self.rcptcountall = 0
 
     def pending_error(self, which, out):
-        """Send a deferred error for MAIL/RCPT/DATA (b"M", b"R", b"D"); True if sent."""
-        reply = self.deferred[which].fire()
+        """Send a deferred error for MAIL/RCPT/DATA (b"M", b"R", b"D").  Returns
+        the entry of the plugin that deferred it, or None if none is pending."""
+        deferred = self.deferred[which]
+        reply = deferred.fire()
         if reply is None:
-            return False
+            return None
         out += reply
-        return True
+        return deferred.entry
 
     def hook(self, section, env, out, addr_var=None, addr=None):
         """Run the plugins of a section (generator).  Returns (result, addr):
@@ -93,6 +97,7 @@ class Plugins:
         if addr_var is not None:
             env[addr_var] = addr
         for entry in self.sections.get(section, ()):
+            self.entry = entry
             failure = yield PluginStart(entry, env)
             if failure is not None:
                 out += _failure(entry, failure)
@@ -145,6 +150,8 @@ class Plugins:
         elif letter == ord("L"):
             deferred = self.deferred.get(payload[:1])
             if deferred is not None and len(deferred.text) + len(payload) < MAX_TEXT:
+                if not deferred.text:
+                    deferred.entry = self.entry
                 deferred.text += payload[1:] + b"\r\n"
         elif letter == ord("A"):
             self.running = False

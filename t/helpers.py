@@ -53,6 +53,24 @@ DEFAULT_CONTROL = {
 
 RUN_TIMEOUT = 30.0
 
+# ------------------------------------------------------------------ transcripts
+
+# The replies of the default home (me=mx.example.org) most tests expect; ACC is an
+# accepted message after norm().
+GREETING = b"220 mx.example.org ESMTP\r\n"
+HELO250 = b"250 mx.example.org\r\n"
+OK = b"250 ok\r\n"
+GO = b"354 go ahead\r\n"
+ACC = b"250 ok <TIME> qp <PID>\r\n"
+BYE = b"221 mx.example.org\r\n"
+FLUSHED = b"250 flushed\r\n"
+
+
+def crlf(*lines):
+    """These lines, each with CR LF: a client transcript."""
+    return b"".join(line + b"\r\n" for line in lines)
+
+
 # ------------------------------------------------------------------ normalising
 
 MONTHS = "Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec"
@@ -261,6 +279,18 @@ class Home:
 
     def queued(self, since=0):
         return self.queue.queued(since)
+
+
+def script(home, name, body, shell="/bin/sh"):
+    """An executable script home/plugins/NAME (a plugin, a checkpassword, an
+    SMTPEXTFORK program) running body under shell; returns its absolute path."""
+    directory = os.path.join(home.path, "plugins")
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name)
+    with open(path, "w") as f:
+        f.write("#!%s\n%s" % (shell, body))
+    os.chmod(path, 0o755)
+    return path
 
 
 def new_home(**kw):
@@ -548,8 +578,9 @@ class TcpServers:
         self.procs = []
 
     @staticmethod
-    def command(mode, port, rules=None, maxconn=10, local_name="mx.test", args=()):
-        """The command line of a launcher listening on 127.0.0.1 PORT."""
+    def command(mode, port, rules=None, maxconn=10, local_name="mx.test", args=(),
+                host="127.0.0.1"):
+        """The command line of a launcher listening on HOST PORT."""
         if mode == "tcpserver":
             cmd = ["tcpserver", "-v", "-R", "-H"]
         elif mode == "resident":
@@ -561,20 +592,21 @@ class TcpServers:
         cmd += ["-c", str(maxconn)]
         if rules:
             cmd += ["-x", rules]
-        cmd += ["127.0.0.1", str(port)]
+        cmd += [host, str(port)]
         if mode == "tcpserver":
             cmd.append(SERVER)
         return cmd + list(args)
 
     def start(self, home=None, env=None, rules=None, envdir=None, cwd=None, args=(),
-              mode=None, maxconn=10, local_name="mx.test"):
+              mode=None, maxconn=10, local_name="mx.test", host="127.0.0.1"):
         """Start a server and wait until it listens; returns a TcpServer.
 
         The environment is PATH, QMAILHOME and QMAILQUEUE of home (if given), then env.
         rules: a tcprules cdb for -x; envdir: run under `envdir ENVDIR` (relative to
         cwd, which defaults to the test's tmp_path); args: the server's arguments (the
         checkpassword command line); mode: "tcpserver" or "resident" (default: the
-        mode this TcpServers was made with); maxconn: -c; local_name: -l (None: no -l)."""
+        mode this TcpServers was made with); maxconn: -c; local_name: -l (None: no -l);
+        host: the address to listen on (e.g. "::1")."""
         mode = mode or self.mode
         if mode == "tcpserver":
             require_tools("tcpserver")
@@ -585,7 +617,7 @@ class TcpServers:
         full_env.update(env or {})
         for _ in range(5):
             port = free_port()
-            cmd = self.command(mode, port, rules, maxconn, local_name, args)
+            cmd = self.command(mode, port, rules, maxconn, local_name, args, host)
             if envdir:
                 require_tools("envdir")
                 cmd = ["envdir", envdir] + cmd

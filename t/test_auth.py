@@ -29,7 +29,7 @@ import time
 import pytest
 
 from helpers import (
-    SERVER, EnvQueue, Home, norm, require_server, require_tools, run_smtp, server_env,
+    EnvQueue, Home, SERVER, norm, require_server, require_tools, run_smtp, script, server_env,
 )
 
 
@@ -189,16 +189,6 @@ def auth(input_bytes, ahome, smtpauth="", args=None, env=None, **kw):
     if args is None:
         args = [checkpw.path, "/bin/true"]
     return run_smtp(input_bytes, env=e, home=home, args=args, **kw)
-
-
-def script(home, name, body, shell="/bin/sh"):
-    directory = os.path.join(home.path, "plugins")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, name)
-    with open(path, "w") as f:
-        f.write("#!%s\n%s" % (shell, body))
-    os.chmod(path, 0o755)
-    return path
 
 
 def auth_plugin(home, body="", name="authplug"):

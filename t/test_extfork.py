@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from helpers import EnvQueue, norm, run_smtp
+from helpers import EnvQueue, norm, run_smtp, script
 
 
 def crlf(*lines):
@@ -44,17 +44,6 @@ TABLE = {
     107: (b"450", b"sorry, temporary mailbox failure imposed by local policy", b"(#4.3.0)"),
     108: (b"501", b"syntax error", b"(#5.7.1)"),
 }
-
-
-def script(home, name, body):
-    """An executable /bin/sh script home/plugins/NAME; returns its absolute path."""
-    directory = os.path.join(home.path, "plugins")
-    os.makedirs(directory, exist_ok=True)
-    path = os.path.join(directory, name)
-    with open(path, "w") as f:
-        f.write("#!/bin/sh\n" + body)
-    os.chmod(path, 0o755)
-    return path
 
 
 def refuse_bad(home, status, name="refuse"):

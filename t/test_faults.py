@@ -32,19 +32,11 @@ import time
 import pytest
 
 import helpers
-from helpers import make_cdb, norm, run_smtp, server_env
+from helpers import (
+    ACC, BYE, GO, GREETING, HELO250, OK, crlf, make_cdb, norm, run_smtp, server_env,
+)
 
 
-def crlf(*lines):
-    return b"".join(line + b"\r\n" for line in lines)
-
-
-GREETING = b"220 mx.example.org ESMTP\r\n"
-HELO250 = b"250 mx.example.org\r\n"
-OK = b"250 ok\r\n"
-GO = b"354 go ahead\r\n"
-ACC = b"250 ok <TIME> qp <PID>\r\n"
-BYE = b"221 mx.example.org\r\n"
 WANT_RCPT = b"503 RCPT first (#5.5.1)\r\n"
 CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"
 NOGATEWAY = b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)\r\n"

@@ -21,15 +21,9 @@ import os
 
 import pytest
 
-from helpers import norm, run_smtp
+from helpers import ACC, BYE, GO, GREETING, HELO250, OK, crlf, norm, run_smtp
 from test_auth import CheckPw
 
-GREETING = b"220 mx.example.org ESMTP\r\n"
-HELO250 = b"250 mx.example.org\r\n"
-OK = b"250 ok\r\n"
-GO = b"354 go ahead\r\n"
-ACC = b"250 ok <TIME> qp <PID>\r\n"
-BYE = b"221 mx.example.org\r\n"
 UNIMPL = b"502 unimplemented (#5.5.1)\r\n"
 AUTH_OK = b"235 ok, go ahead (#2.0.0)\r\n"
 BODY = b"Subject: t\r\n\r\nhi\r\n.\r\n"
@@ -40,10 +34,6 @@ ALLOWED = set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.@
 
 def san(value):
     return bytes(c if c in ALLOWED else ord("?") for c in value)
-
-
-def crlf(*lines):
-    return b"".join(line + b"\r\n" for line in lines)
 
 
 # {M} is replaced by the absolute path of the test's marker file.

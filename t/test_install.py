@@ -8,6 +8,7 @@ its cache for click and attrs.
 """
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -134,6 +135,23 @@ def test_samples_installed(prefix):
             assert a.read() == b.read()
 
 
+def test_sample_plugins_installed_with_the_venvs_python(prefix):
+    """lib/qmail-smtpd-py/plugins/NAME for each sample plugin, runnable as it is (the
+    helper module and dnspython come with it)."""
+    plugins = os.path.join(prefix, "lib", "qmail-smtpd-py", "plugins")
+    assert sorted(os.listdir(plugins)) == sorted(os.listdir(os.path.join(REPO, "plugins")))
+    for name in os.listdir(plugins):
+        with open(os.path.join(plugins, name), "rb") as f:
+            assert f.readline().startswith(b"#!%s" % os.fsencode(
+                os.path.join(prefix, "lib", "qmail-smtpd-py", "bin", "python"))), name
+    proc = subprocess.run([os.path.join(plugins, "ifauthnext")], capture_output=True,
+                          env={"SMTPAUTHUSER": "joe"}, timeout=30)
+    assert (proc.returncode, proc.stdout) == (0, b"N\n")
+    python = os.path.join(prefix, "lib", "qmail-smtpd-py", "bin", "python")
+    subprocess.run([python, "-c", "import dns.resolver, qmail_smtpd_py.plugin_dns"],
+                   check=True, timeout=30)
+
+
 @pytest.mark.parametrize("kind", ["file", "foreign link", "dangling link"])
 def test_qmailbin_refuses_to_replace_a_foreign_file(prefix, tmp_path, kind):
     qmailbin = tmp_path / "qmail" / "bin"
@@ -169,3 +187,19 @@ def test_qmailbin_links_when_absent_and_again_when_ours(prefix, tmp_path, make_h
     res = helpers.run_smtp(b"QUIT\r\n", home=make_home())
     assert res.out == b"220 mx.example.org ESMTP\r\n221 mx.example.org\r\n"
     assert res.status == 0
+
+
+def test_help_and_man_page_list_the_same_environment_variables():
+    """`qmail-smtpd-py --help` and ENVIRONMENT in qmail-smtpd-py(8) name the same
+    variables, so neither falls behind when one is added."""
+    helpers.require_server()
+    text = subprocess.run([helpers.SERVER, "--help"], capture_output=True, text=True,
+                          check=True, timeout=30).stdout
+    block = text.split("Environment", 1)[1].split("Control files", 1)[0]
+    in_help = set(re.findall(r"\b[0-9]*[A-Z][A-Z0-9_]{3,}\b", block))
+    with open(MAN) as f:
+        man = f.read().split(".SH ENVIRONMENT", 1)[1].split("\n.SH ", 1)[0].split("\n")
+    headers = [man[i + 1] for i, line in enumerate(man[:-1]) if line == ".TP"]
+    in_man = set(re.findall(r"\b[0-9]*[A-Z][A-Z0-9_]{3,}\b", " ".join(headers)))
+    in_help -= {"LOGIN", "PLAIN", "STARTTLS", "AUTH", "MAIL", "EHLO", "OpenSSL", "RCPT"}
+    assert in_help == in_man

@@ -182,6 +182,7 @@ LAUNCH_ENV = {"SITEVAR": "passed on", "TCPREMOTEHOST": "stale.example",
 # LC_CTYPE (Python's C locale coercion, in the session under either launcher), PWD (the
 # recording sh), and the SMTP* variables the session adds.
 PER_CONNECTION = ("TCPLOCALPORT", "TCPREMOTEPORT")
+PER_CONNECTION6 = ("TCP6LOCALPORT", "TCP6REMOTEPORT")
 
 
 def test_queue_environment_is_the_same_under_tcpserver_and_serve(tcpservers, home, tmp_path):
@@ -193,6 +194,7 @@ def test_queue_environment_is_the_same_under_tcpserver_and_serve(tcpservers, hom
     queue = EnvQueue(home)
     env = dict(LAUNCH_ENV, QMAILQUEUE=queue.path)
     seen = {}
+    ipv4_only_tcpserver = False
     for mode in ("tcpserver", "resident"):
         server = tcpservers.start(home, env=env, rules=rules, mode=mode)
         before = len(home.queued())
@@ -206,6 +208,14 @@ def test_queue_environment_is_the_same_under_tcpserver_and_serve(tcpservers, hom
             e = queue.text(msg.pid)
             local_port, remote_port = (e.pop(name) for name in PER_CONNECTION)
             assert (local_port, remote_port) == (str(server.port), str(client_port)), mode
+            # serve sets ucspi-tcp-ipv6's TCP6* copies; the IPv4-only build does not.
+            if mode == "tcpserver" and "TCP6REMOTEIP" not in e:
+                ipv4_only_tcpserver = True
+            if mode == "resident" and ipv4_only_tcpserver:
+                e = {k: v for k, v in e.items() if not k.startswith("TCP6")}
+            elif "TCP6REMOTEIP" in e or mode == "resident":
+                ports6 = tuple(e.pop(name) for name in PER_CONNECTION6)
+                assert ports6 == (local_port, remote_port), mode
             seen[mode, name] = e
 
     for rule in ("127.0.0.1", "default"):

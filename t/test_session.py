@@ -269,6 +269,8 @@ def test_driver_answers_out_of_memory_with_qmails_421(monkeypatch):
 
     class Session:
         out = bytearray(b"220 x ESMTP\r\n")
+        remoteip = b"127.0.0.1"
+        log_level = 1
 
         def run(self):
             yield effects.NOW

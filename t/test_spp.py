@@ -15,21 +15,12 @@ import os
 
 import pytest
 
-from helpers import EnvQueue, norm, run_smtp
+from helpers import (
+    ACC, BYE, EnvQueue, FLUSHED, GO, GREETING, HELO250, OK, crlf, norm, run_smtp,
+)
 from test_tcpserver import swaks
 
 
-def crlf(*lines):
-    return b"".join(line + b"\r\n" for line in lines)
-
-
-GREETING = b"220 mx.example.org ESMTP\r\n"
-HELO250 = b"250 mx.example.org\r\n"
-OK = b"250 ok\r\n"
-FLUSHED = b"250 flushed\r\n"
-GO = b"354 go ahead\r\n"
-ACC = b"250 ok <TIME> qp <PID>\r\n"
-BYE = b"221 mx.example.org\r\n"
 WANT_MAIL = b"503 MAIL first (#5.5.1)\r\n"
 WANT_RCPT = b"503 RCPT first (#5.5.1)\r\n"
 BMF = b"553 sorry, your envelope sender is in my badmailfrom list (#5.7.1)\r\n"

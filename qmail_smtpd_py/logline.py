@@ -1,0 +1,66 @@
+"""The log line format, in one place.
+
+Every line the server writes to its log (stderr, where multilog or
+journald picks it up) reads
+
+    <pid> <client ip> <event> <details>
+
+The pid is the connection's id: tcpserver's own `pid N from IP` / `end N
+status S` lines, qmail-spp plugins (which print their parent's pid) and
+this server's lines all carry it, so `grep ' 4711 '` gathers one
+connection.  Details are `key=value` words; each value is one word (see
+word()), so a client cannot forge or split a line.  The events:
+
+    connect host=H port=P [relayclient]
+    command VERB ARGS...                 (SMTPLOGLEVEL 2 or more)
+    reply TEXT                           (SMTPLOGLEVEL 3)
+    tls cipher=C
+    auth method=M user=U
+    refuse VERB CODE by=CHECK [plugin=P] [program=P] [from=<A>] [to=<A>]
+           [method=M user=U] [bytes=N]
+    accept qp=N bytes=N from=<A> rcpts=N
+    close status=S why=quit|eof|timeout|plugin|... messages=N
+    XF (N): PROGRAM                      (SMTPEXTFORK, the patch's labels)
+
+Anything else is an error or warning in plain words.  No password, AUTH
+response or message content is ever logged.
+"""
+
+_AUTH_MECHANISMS = (b"login", b"plain", b"cram-md5")
+
+# Log values are one word: bytes outside printable ASCII, the space and the
+# backslash are written as \xNN, so a client cannot forge or split a line.
+_LOG_ESCAPES = {c: "\\x%02x" % c for c in range(256) if not 0x21 <= c <= 0x7E or c == 0x5C}
+
+
+def word(raw):
+    """Bytes (or None) as one printable log word."""
+    if raw is None:
+        return "-"
+    return raw.decode("latin-1").translate(_LOG_ESCAPES)
+
+
+def command_words(verb, line):
+    """A command line for the log; what follows AUTH's mechanism may be a
+    credential, and so may anything in the place of a mechanism."""
+    if verb != b"auth":
+        return " ".join(map(word, line.split(b" ")))
+    words = line.split()
+    shown = ["AUTH"]
+    if len(words) > 1:
+        known = words[1].lower() in _AUTH_MECHANISMS
+        shown.append(word(words[1]) if known else "[hidden]")
+    if len(words) > 2:
+        shown.append("[hidden]")
+    return " ".join(shown)
+
+
+def refusal_words(verb, reply, by, fields):
+    """`refuse <VERB> <code> by=<check> key=value...`: code from the reply's last line."""
+    last = bytes(reply).rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
+    words = ["refuse", word(verb.upper()), word(last[:3] or b"-"), "by=" + by]
+    for key, value in fields.items():
+        if isinstance(value, bytes):
+            value = "<%s>" % word(value) if key in ("from", "to") else word(value)
+        words.append("%s=%s" % (key, value))
+    return " ".join(words)

@@ -1,0 +1,230 @@
+"""The connection log (stderr): one line per event, `<pid> <client ip> <event> ...`.
+
+Format and events: qmail_smtpd_py/logline.py and the README's "Logging" section. The
+installed server runs over pipes; what it wrote on stderr is result.err.
+"""
+
+import re
+import subprocess
+
+import pytest
+
+from helpers import SERVER, crlf, require_tools, run_smtp, script, server_env
+from test_auth import CheckPw, auth, b64, cram_digest
+
+RE_QP = re.compile(rb"250 ok \d+ qp (\d+)")
+
+
+MAIL = b"MAIL FROM:<a@b.c>"
+RCPT = b"RCPT TO:<u@example.com>"
+MESSAGE = (b"DATA", b"Subject: t", b"", b"hi", b".")
+
+
+def lines(err):
+    return err.decode().splitlines()
+
+
+def events(err, name):
+    """The details of each `name` event, after `<pid> <ip> name `."""
+    return [line.split(" ", 3)[3] if line.count(" ") >= 3 else ""
+            for line in lines(err) if line.split(" ")[2:3] == [name]]
+
+
+def test_every_line_carries_the_connection_pid_and_client_ip(home):
+    result = run_smtp(crlf(b"HELO c", MAIL, RCPT, *MESSAGE, b"QUIT"), home=home,
+                      env={"TCPREMOTEIP": "192.0.2.7", "TCPREMOTEPORT": "4711"})
+    qp = RE_QP.search(result.out).group(1).decode()
+    logged = lines(result.err)
+    pids = {line.split(" ")[0] for line in logged}
+    assert len(pids) == 1 and pids.pop().isdigit()
+    assert {line.split(" ")[1] for line in logged} == {"192.0.2.7"}
+    assert [line.split(" ", 2)[2] for line in logged] == [
+        "connect host=unknown port=4711",
+        "accept qp=%s bytes=15 from=<a@b.c> rcpts=1" % qp,
+        "close status=0 why=quit messages=1",
+    ]
+
+
+def test_the_connection_id_is_the_pid_plugins_and_tcpserver_print(home):
+    """Plugins log their parent's pid (spec spp.md §7): the same id."""
+    script(home, "who", 'echo "who: pid $PPID" >&2\n')
+    home.control("smtpplugins", "[connection]\nplugins/who\n")
+    result = run_smtp(crlf(b"QUIT"), home=home)
+    first, plugin_line = lines(result.err)[:2]
+    assert plugin_line == "who: pid %s" % first.split(" ")[0]
+
+
+@pytest.mark.parametrize("script, reply, expected", [
+    (crlf(b"RCPT TO:<u@example.com>"), b"503", "refuse RCPT 503 by=sequence"),
+    (crlf(MAIL, b"RCPT TO:<u@elsewhere.org>"), b"553",
+     "refuse RCPT 553 by=rcpthosts to=<u@elsewhere.org>"),
+    (crlf(b"MAIL FROM:<spam@bad.example>", RCPT), b"553",
+     "refuse RCPT 553 by=badmailfrom from=<spam@bad.example> to=<u@example.com>"),
+    (crlf(b"MAIL FROM:<" + b"a" * 1100 + b">"), b"555", "refuse MAIL 555 by=syntax"),
+    (crlf(b"BOGUS stuff"), b"502", "refuse BOGUS 502 by=unimplemented"),
+    (crlf(b"X" * 70000), b"500", "refuse - 500 by=max-line"),
+    (crlf(MAIL, RCPT, b"DATA", b"Received: x", b"Received: y", b"."), b"554",
+     "refuse DATA 554 by=queue bytes=24 from=<a@b.c>"),
+    (crlf(MAIL, RCPT, b"DATA", b"0123456789" * 20, b"."), b"552",
+     "refuse DATA 552 by=databytes bytes=100 from=<a@b.c>"),
+])
+def test_each_refusal_names_its_code_and_check(make_home, script, reply, expected):
+    home = make_home(control={"badmailfrom": "spam@bad.example\n", "databytes": "100\n"},
+                     queue_exit=0)
+    if b"Received: y" in script:  # a queue that refuses: qmail-queue's exit 31 -> 554
+        home = make_home(queue_exit=31)
+    result = run_smtp(script + crlf(b"QUIT"), home=home)
+    assert b"\r\n" + reply in result.out
+    assert events(result.err, "refuse") == [expected.split(" ", 1)[1]]
+
+
+def test_plugin_refusals_name_the_plugin(home):
+    script(home, "nohelo", "echo 'E550 no thanks'\n")
+    script(home, "later", "echo 'LR451 try later'\n")
+    home.control("smtpplugins", "[helo]\nplugins/nohelo\n[mail]\nplugins/later\n")
+    result = run_smtp(crlf(b"HELO c", MAIL, RCPT, b"QUIT"), home=home)
+    assert b"550 no thanks\r\n" in result.out and b"451 try later\r\n" in result.out
+    assert events(result.err, "refuse") == [
+        "HELO 550 by=plugin plugin=plugins/nohelo",
+        "RCPT 451 by=plugin-deferred plugin=plugins/later",
+    ]
+
+
+def test_a_plugin_that_disconnects_is_logged_as_the_reason(home):
+    script(home, "bye", "echo 'R421 go away'\n")
+    home.control("smtpplugins", "[connection]\nplugins/bye\n")
+    result = run_smtp(b"", home=home)
+    assert result.out == b"421 go away\r\n"
+    assert events(result.err, "refuse") == ["CONNECT 421 by=plugin plugin=plugins/bye"]
+    assert events(result.err, "close") == ["status=0 why=plugin plugin=plugins/bye messages=0"]
+
+
+def test_extfork_refusals_name_the_program(home, tmp_path):
+    program = tmp_path / "nope"
+    program.write_text("#!/bin/sh\nexit 100\n")
+    program.chmod(0o755)
+    result = run_smtp(crlf(MAIL, RCPT, b"QUIT"), home=home, env={"SMTPEXTFORK": str(program)})
+    assert b"\r\n554 " in result.out
+    assert events(result.err, "refuse") == [
+        "RCPT 554 by=extfork program=%s to=<u@example.com>" % program]
+    assert events(result.err, "XF") == ["(100): %s" % program]
+
+
+@pytest.mark.parametrize("script, why, status", [
+    (b"", "eof", 1),
+    (crlf(b"QUIT"), "quit", 0),
+    (crlf(MAIL, RCPT, b"DATA", b"bare\nLF", b"."), "bare-lf", 1),
+])
+def test_close_says_why(home, script, why, status):
+    result = run_smtp(script, home=home)
+    assert result.status == status
+    assert events(result.err, "close") == ["status=%d why=%s messages=0" % (status, why)]
+
+
+def test_timeout_is_logged(make_home):
+    home = make_home(control={"timeoutsmtpd": "1\n"})
+    result = run_smtp(b"HELO c\r\n", home=home, keep_open=True)
+    assert events(result.err, "close") == ["status=1 why=timeout messages=0"]
+
+
+def test_client_bytes_cannot_forge_or_split_a_line(home):
+    """Spaces, control bytes and 8-bit bytes in addresses become \\xNN: one word each."""
+    result = run_smtp(crlf(MAIL, b"RCPT TO:<x y=z\x1b[0m\xff@elsewhere.org>", b"QUIT"),
+                      home=home, env={"SMTPLOGLEVEL": "2"})
+    assert (r"refuse RCPT 553 by=rcpthosts to=<x\x20y=z\x1b[0m\xff@elsewhere.org>"
+            in result.err.decode())
+    assert b"\x1b" not in result.err and b"\xff" not in result.err
+    assert all(line.split(" ")[2] in {"connect", "command", "refuse", "close"}
+               for line in lines(result.err))
+
+
+def test_loglevel_0_logs_only_errors(make_home, tmp_path):
+    home = make_home()
+    result = run_smtp(crlf(MAIL, b"RCPT TO:<u@elsewhere.org>", RCPT, *MESSAGE, b"QUIT"),
+                      home=home, env={"SMTPLOGLEVEL": "0"})
+    assert RE_QP.search(result.out) and result.err == b""
+    missing = str(tmp_path / "no-such-queue")
+    result = run_smtp(crlf(MAIL, RCPT, *MESSAGE, b"QUIT"), home=home,
+                      env={"SMTPLOGLEVEL": "0", "QMAILQUEUE": missing})
+    assert lines(result.err) and all("unable to exec %s" % missing in line
+                                     for line in lines(result.err))
+
+
+def test_loglevel_2_adds_commands_and_3_the_replies_in_order(home):
+    script = crlf(b"HELO c", MAIL, b"QUIT")
+    two = [line.split(" ", 2)[2] for line in lines(
+        run_smtp(script, home=home, env={"SMTPLOGLEVEL": "2"}).err)]
+    assert two == ["connect host=unknown port=-", "command HELO c",
+                   "command MAIL FROM:<a@b.c>", "command QUIT",
+                   "close status=0 why=quit messages=0"]
+    three = [line.split(" ", 2)[2] for line in lines(
+        run_smtp(script, home=home, env={"SMTPLOGLEVEL": "3"}).err)]
+    assert three == ["connect host=unknown port=-", "reply 220 mx.example.org ESMTP",
+                     "command HELO c", "reply 250 mx.example.org",
+                     "command MAIL FROM:<a@b.c>", "reply 250 ok", "command QUIT",
+                     "reply 221 mx.example.org", "close status=0 why=quit messages=0"]
+
+
+# ------------------------------------------------------------------ credentials
+
+
+@pytest.fixture
+def ahome(home):
+    return home, CheckPw(home)
+
+
+SECRET = b"Sup3r-s3cret"
+
+
+def _auth_sessions(checkpw_home):
+    """(name, client bytes, every string that would give the secret away)."""
+    # The fake checkpassword takes any password from "anyone...": no 5 s failure pause.
+    plain = b64(b"\0anyone\0" + SECRET)
+    login_user, login_pass = b64(b"anyone"), b64(SECRET)
+    return [
+        ("plain-initial", crlf(b"AUTH PLAIN " + plain), [plain]),
+        ("plain-prompt", crlf(b"AUTH PLAIN", plain), [plain]),
+        ("login", crlf(b"AUTH LOGIN", login_user, login_pass), [login_pass]),
+        ("login-initial", crlf(b"AUTH LOGIN " + login_user, login_pass), [login_pass]),
+        ("secret-as-mechanism", crlf(b"AUTH " + plain), [plain]),
+        ("cram", crlf(b"AUTH CRAM-MD5", b64(b"anyone " + cram_digest(b"<1.2@x>", SECRET))), []),
+    ]
+
+
+@pytest.mark.parametrize("level", ["0", "1", "2", "3"])
+def test_credentials_are_never_logged(ahome, level):
+    for name, client, giveaways in _auth_sessions(ahome):
+        result = auth(client + crlf(b"QUIT"), ahome, smtpauth="+cram",
+                      env={"SMTPLOGLEVEL": level})
+        for secret in [SECRET, b64(SECRET), *giveaways]:
+            assert secret not in result.err, (name, level)
+
+
+def test_auth_success_and_failure_are_logged_with_the_user(ahome):
+    good = auth(crlf(b"AUTH PLAIN " + b64(b"\0joe\0secret"), b"QUIT"), ahome)
+    assert events(good.err, "auth") == ["method=plain user=joe"]
+    bad = auth(crlf(b"AUTH LOGIN", b64(b"joe"), b64(b"wrong"), b"QUIT"), ahome)
+    assert events(bad.err, "refuse") == ["AUTH 535 by=checkpassword method=login user=joe"]
+
+
+# ------------------------------------------------------------------ multilog
+
+
+def test_multilog_keeps_one_line_per_event_for_grep(home, tmp_path):
+    """The real multilog (daemontools) with timestamps: grep finds the accept line by
+    the connection's pid."""
+    require_tools("multilog")
+    logdir = tmp_path / "log"
+    script = crlf(b"HELO c", MAIL, RCPT, *MESSAGE, b"QUIT")
+    with subprocess.Popen(["multilog", "t", str(logdir)], stdin=subprocess.PIPE) as log:
+        server = subprocess.run([SERVER], input=script, stdout=subprocess.PIPE,
+                                stderr=log.stdin, env=server_env(home), cwd=home.root,
+                                timeout=30)
+        log.stdin.close()
+    qp = RE_QP.search(server.stdout).group(1).decode()
+    current = (logdir / "current").read_text().splitlines()
+    assert all(line.startswith("@4000") for line in current)
+    pid = current[0].split(" ")[1]
+    grep = subprocess.run(["grep", " %s " % pid, str(logdir / "current")],
+                          stdout=subprocess.PIPE, text=True, check=True).stdout
+    assert "accept qp=%s " % qp in grep and len(grep.splitlines()) == len(current) == 3
