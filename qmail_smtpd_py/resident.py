@@ -167,7 +167,6 @@ def connection_env(base, local, remote, local_name):
     return env
 
 
-
 class Resident:
     def __init__(self, options, log=server.log):
         self.options = options

@@ -17,7 +17,6 @@ from .effects import (
     CheckPassword, PluginFinish, PluginRead, PluginStart, QueueFinish, QueueStart, QueueWrite,
     Read, RunProgram, Sleep, TLSClientCert, TLSHandshake, TLSStart,
 )
-
 from .logline import word
 
 READ_SIZE = 1 << 16
@@ -224,7 +223,7 @@ class Driver:
         status = plugin.finish()
         if plugin.killed:
             self.log("qmail-spp: pid %d killed after its time limit of %gs"
-                % (plugin.pid, self.plugin_time_limit))
+                     % (plugin.pid, self.plugin_time_limit))
         return status
 
     def run_program(self, request):
@@ -243,7 +242,7 @@ class Driver:
         if self.program_time_limit and not _exits_within(pid, self.program_time_limit):
             os.kill(pid, 9)  # SIGKILL: reported as death by a signal (stop, accept)
             self.log("XF: %s killed after its time limit of %gs"
-                % (_text(request.path), self.program_time_limit))
+                     % (_text(request.path), self.program_time_limit))
         _, status = os.waitpid(pid, 0)
         return PROGRAM_CRASHED if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 
