@@ -560,6 +560,9 @@ def main(args):
         return _run(opts, server, entry, lines, root)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. `plugin-test ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # no second error at exit's flush
+        return 1
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -306,3 +306,19 @@ def test_usage_errors_are_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "adir").mkdir()
     code, lines, err = plugin_test(*args, cwd=tmp_path)
     assert (code, lines, err) == (2, [], USAGE_PREFIX + message + "\n")
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
+    """`plugin-test ... | head -1`: exit 1 quietly, the server session killed."""
+    require_server()
+    plugin = sh_plugin(tmp_path, "quiet", "exit 0")
+    reader, writer = os.pipe()
+    p = subprocess.Popen([SERVER, "plugin-test", plugin], stdout=writer,
+                         stderr=subprocess.PIPE, cwd=str(tmp_path),
+                         env={"PATH": "/usr/local/bin:/usr/bin:/bin"})
+    os.close(writer)
+    with os.fdopen(reader, "rb") as f:
+        assert f.readline().startswith(b"# [rcpt] ")
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 1
+    assert err == b""

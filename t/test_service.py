@@ -5,6 +5,7 @@ tcp.smtp.cdb and `swaks` as the client. The test changes only files in env/ (lis
 qmail-smtpd-py first, no SMTPUSER), so what is exercised is the shipped run script."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -126,6 +127,12 @@ def test_supervised_service_relays_by_tcprules(service, tmp_path):
         text = log.read_bytes()
         assert b"tcpserver: status: 0/5" in text, text
         assert b"tcpserver: ok " in text, text
+        # qmail-smtpd-py's event lines carry the pid tcpserver logged for the connection
+        pids = set(re.findall(rb"tcpserver: pid (\d+) from 127\.0\.0\.1", text))
+        accepted = re.findall(rb"(\d+) 127\.0\.0\.1 accept qp=\d+ ", text)
+        refused = re.findall(rb"(\d+) 127\.0\.0\.1 refuse RCPT 553 by=rcpthosts ", text)
+        assert (len(accepted), len(refused)) == (2, 1), text
+        assert set(accepted + refused) <= pids, text
 
         subprocess.run(["svc", "-dx", directory], check=True, timeout=30)
         proc.wait(20)
