@@ -40,17 +40,23 @@ def word(raw):
     return raw.decode("latin-1").translate(_LOG_ESCAPES)
 
 
+def words(line):
+    """A line of client or server text for the log: each space-separated
+    part escaped as one word."""
+    return " ".join(map(word, line.split(b" ")))
+
+
 def command_words(verb, line):
     """A command line for the log; what follows AUTH's mechanism may be a
     credential, and so may anything in the place of a mechanism."""
     if verb != b"auth":
-        return " ".join(map(word, line.split(b" ")))
-    words = line.split()
+        return words(line)
+    parts = line.split()
     shown = ["AUTH"]
-    if len(words) > 1:
-        known = words[1].lower() in _AUTH_MECHANISMS
-        shown.append(word(words[1]) if known else "[hidden]")
-    if len(words) > 2:
+    if len(parts) > 1:
+        known = parts[1].lower() in _AUTH_MECHANISMS
+        shown.append(word(parts[1]) if known else "[hidden]")
+    if len(parts) > 2:
         shown.append("[hidden]")
     return " ".join(shown)
 

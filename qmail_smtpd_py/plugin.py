@@ -86,6 +86,20 @@ class Session:
                            doc="login, plain or cram-md5 after a successful AUTH.")
 
     @property
+    def remote_address(self):
+        """The client's address (TCPREMOTEIP) as an ipaddress object, for
+        network checks: an IPv4-mapped IPv6 address becomes IPv4, a %zone
+        is dropped.  None when it is no IP address."""
+        import ipaddress  # only the plugins that compare networks pay for it
+        try:
+            addr = ipaddress.ip_address(self.remote_ip.split("%", 1)[0].strip())
+        except ValueError:
+            return None
+        if addr.version == 6 and addr.ipv4_mapped is not None:
+            return addr.ipv4_mapped
+        return addr
+
+    @property
     def relay_client(self):
         """True if the client may relay (RELAYCLIENT set, by tcprules or AUTH)."""
         return self.has("RELAYCLIENT")

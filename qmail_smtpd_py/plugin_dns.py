@@ -171,19 +171,6 @@ def _why(exc):
     return text if len(text) <= 200 else text[:200] + "..."
 
 
-def client_address(text):
-    """The client's address (TCPREMOTEIP) as an ipaddress object; an
-    IPv4-mapped IPv6 address becomes IPv4, a %zone is dropped.  None when
-    it is no IP address."""
-    try:
-        addr = ipaddress.ip_address(text.split("%", 1)[0].strip())
-    except ValueError:
-        return None
-    if addr.version == 6 and addr.ipv4_mapped is not None:
-        return addr.ipv4_mapped
-    return addr
-
-
 def dnsbl_name(addr, zone):
     """The DNSBL query name of an address in a zone (RFC 5782): IPv4
     1.2.3.4 -> 4.3.2.1.zone, IPv6 -> 32 reversed nibbles + zone."""

@@ -17,7 +17,7 @@ from .effects import (
     CheckPassword, PluginFinish, PluginRead, PluginStart, QueueFinish, QueueStart, QueueWrite,
     Read, RunProgram, Sleep, TLSClientCert, TLSHandshake, TLSStart,
 )
-from .logline import word
+from .logline import word, words
 
 READ_SIZE = 1 << 16
 
@@ -100,8 +100,7 @@ class Driver:
         out = self.session.out
         new, self._replies_logged = out[self._replies_logged:], len(out)
         for line in new.splitlines():
-            _write_quietly(2, (self.log_prefix + "reply " + " ".join(map(word, line.split(b" ")))
-                               + "\n").encode())
+            _write_quietly(2, (self.log_prefix + "reply " + words(line) + "\n").encode())
 
     # ------------------------------------------------------------ client I/O
 

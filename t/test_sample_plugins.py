@@ -115,7 +115,9 @@ def test_tarpit_zero_delay_does_not_sleep_or_log(home):
 def test_tarpit_named_delays_grow_with_the_count(home, setting, seconds):
     """Three recipients get past tarpit (a plugin before it says N for them), so the
     fourth sees SMTPRCPTCOUNT=3 over TARPITCOUNT=0: 3 - 0 + 1 = 4 for the formulas.
-    SPPTIMEOUT stops the sleep (the RCPT is then answered 451)."""
+    SPPTIMEOUT stops the sleep (the RCPT is then answered 451). No outcome depends on
+    speed: every delay here is longer than the 1 s limit, which starts before the
+    plugin does; what is asserted is the delay the plugin chose (its log line)."""
     skip = ':case "$SMTPRCPTTO" in skip*) echo N;; esac'
     configure(home, ("rcpt", [skip, TARPIT]))
     res = run(home, MAIL, b"RCPT TO:<skip1@example.com>", b"RCPT TO:<skip2@example.com>",
@@ -136,7 +138,8 @@ def test_tarpit_bad_TARPITCOUNT_is_logged_and_ignored(home):
 
 @pytest.mark.parametrize("setting", ["fast", "-3", "nan", "1e999"])
 def test_tarpit_bad_TARPITDELAY_is_logged_and_random_used(home, setting):
-    """Random is 0..49 s: either no delay (250) or one cut short by SPPTIMEOUT (451)."""
+    """Random is 0..49 s: either no delay (250) or one cut short by SPPTIMEOUT (451);
+    both are accepted, so the test does not depend on the draw or on speed."""
     configure(home, ("rcpt", [TARPIT]))
     res = run(home, MAIL, rcpt(1), rcpt(2), QUIT,
               env={"TARPITCOUNT": "0", "TARPITDELAY": setting, "SPPTIMEOUT": "1"})
