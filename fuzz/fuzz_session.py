@@ -8,8 +8,8 @@ that says yes or no; STARTTLS / SMTPS / FORCETLS / TLSREQUIRED; SMTPEXTFORK prog
 databytes, badmailfrom, a small max_line, random qmail-queue outcomes), generates a
 client byte stream (valid commands, random bytes, NULs, bare CR and LF, long lines,
 DATA with random bodies and smuggling sequences, AUTH dialogues, all pipelined) and
-drives the core in-process the way t/transcript.py does, fulfilling its requests
-with seeded random answers.
+drives the core in-process through the tests' reference world (t/world.py),
+subclassed here to answer the core's requests with seeded random outcomes.
 
 Invariants checked after every session:
   * the core ends with an Exit request (status 0 or 1) within a bounded number of
@@ -38,21 +38,17 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "t"))  # blast_oracle etc. if wanted
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "t"))  # the reference world
 
-from qmail_smtpd_py import effects  # noqa: E402
-from qmail_smtpd_py.auth import parse_mode  # noqa: E402
-from qmail_smtpd_py.control import Config  # noqa: E402
-from qmail_smtpd_py.session import Session  # noqa: E402
+from qmail_smtpd_py.core import requests as rq  # noqa: E402
+from qmail_smtpd_py.core.auth import parse_mode  # noqa: E402
+from qmail_smtpd_py.core.config import Config  # noqa: E402
+from qmail_smtpd_py.core.session import Session  # noqa: E402
+from world import BASE_ENV, FIXED_TIME, QP, World  # noqa: E402
 
-FIXED_TIME = 1795311213.5
-QP = 4242
 ACCEPT = b"250 ok %d qp %d" % (int(FIXED_TIME), QP)
 RE_REPLY = re.compile(rb"\A[0-9]{3}[ -]")
 RE_ACCEPT = re.compile(rb"\A250 ok [0-9]+ qp [0-9]+\Z")
-BASE_ENV = {b"TCPREMOTEIP": b"127.0.0.1", b"TCPLOCALIP": b"127.0.0.1",
-            b"TCPLOCALHOST": b"mx.test"}
-LOCAL_IPS = frozenset({(0, 0, 0, 0), (127, 0, 0, 1)})
 MAX_STEPS_BASE = 20000
 
 
@@ -98,6 +94,8 @@ def make_config(rng):
         desc["auth"] = repr(smtpauth)
     if rng.random() < 0.3:
         kw["tls"] = True
+        if rng.random() < 0.5:
+            kw["tls_clients"] = frozenset({b"c@client.test"})
         kw["smtps"] = rng.random() < 0.15
         kw["force_tls"] = rng.random() < 0.3
         kw["require_tls"] = rng.random() < 0.2
@@ -108,6 +106,10 @@ def make_config(rng):
             env[b"554SMTPEXTFORK"] = b"custom text"
         desc["extfork"] = True
     kw["log_level"] = rng.choice([0, 1, 1, 2, 3])
+    if rng.random() < 0.2:
+        kw["plugin_time_limit"] = rng.choice([1, 30])
+    if rng.random() < 0.2:
+        kw["program_time_limit"] = rng.choice([1, 30])
     kw["smtputf8"] = rng.random() < 0.2
     if rng.random() < 0.15:
         env[b"RELAYCLIENT"] = rng.choice([b"", b"+rc"])
@@ -115,8 +117,8 @@ def make_config(rng):
         env[b"TCPREMOTEHOST"] = b"client.test"
     if rng.random() < 0.05:
         env = {}
-    desc["config"] = {k: (sorted(v) if isinstance(v, set) else v) for k, v in kw.items()
-                      if k not in ("greeting", "localiphost")}
+    desc["config"] = {k: repr(sorted(v) if isinstance(v, (set, frozenset)) else v)
+                      for k, v in kw.items() if k not in ("greeting", "localiphost")}
     return Config(**kw), env, desc
 
 
@@ -260,16 +262,65 @@ PLUGIN_LETTERS = [b"N", b"O", b"A", b"E", b"R", b"D", b"P", b"LM", b"LR", b"LD",
                   b"S", b"U", b"X", b""]
 
 
-class Answers:
-    """Seeded answers to the core's requests; plugin texts it printed are recorded so
-    that their lines are accepted in the output."""
+class RandomWorld(World):
+    """The reference world with seeded random outcomes.  Plugin texts it
+    printed are recorded, so that their lines are accepted in the output;
+    marks are the numbers (0, 1, ...) of the messages given a 354 that
+    qmail-queue accepted."""
 
-    def __init__(self, seed):
+    def __init__(self, pieces, seed):
+        super().__init__(pieces)
         self.rng = random.Random(seed)
         self.plugin_texts = set()
+        self.marks = []
+        self._go_aheads = 0  # messages that got (or will get) their 354
+        self._write_ok = True
 
-    def plugin_output(self):
+    def write_log(self, request):
+        # One event, one line of printable text: client bytes are escaped.
+        text = request.text
+        if not text.isprintable() or not text.isascii():
+            raise Failure("log line not one printable line: %r" % text)
+
+    def sleep(self, request):
+        pass
+
+    def start_queue(self, request):
+        # decided per message: how many WriteQueues there are depends on the chunks
+        self._write_ok = self.rng.random() > 0.02
+        self.queue_start = self.rng.choices(
+            [rq.Started(QP), rq.CannotStart(rq.EXEC, "x"), rq.CannotStart(rq.FORK, "x"),
+             rq.CannotStart(rq.PIPE, "x")], [95, 3, 1, 1])[0]
+        if self.queue_start in (rq.Started(QP), rq.CannotStart(rq.EXEC, "x")):
+            self._go_aheads += 1
+        return super().start_queue(request)
+
+    def write_queue(self, request):
+        if not isinstance(request.data, (bytes, bytearray)):
+            raise Failure("WriteQueue of %r" % type(request.data))
+        self.queue_write_fails = not self._write_ok
+        return super().write_queue(request)
+
+    def finish_queue(self, request):
+        if request.envelope is not None:
+            self.queue_status = self.rng.choices(
+                [0, 54, 71, 82, 31, rq.Signaled(9), rq.WaitFailed("ECHILD")],
+                [90, 2, 2, 2, 2, 1, 1])[0]
+            self.queue_errtext = b"Dcustom (#5.7.1)" if self.queue_status == 82 else b""
+            if self.queue_status == 82:
+                self.plugin_texts.add(b"554 custom (#5.7.1)")
+        outcome = super().finish_queue(request)
+        if outcome == rq.Exited(0, self.queue_errtext):
+            self.marks.append(self._go_aheads - 1)
+        return outcome
+
+    def start_plugin(self, request):
         rng = self.rng
+        self.plugin_runs.append((request.argv, request.env))
+        failure = rng.choices([None, rq.CannotStart(rq.EXEC), rq.CannotStart(rq.FORK),
+                               rq.CannotStart(rq.PIPE)], [95, 2, 2, 1])[0]
+        if failure is not None:
+            return failure
         lines = []
         for _ in range(rng.choice([0, 1, 1, 2, 4])):
             letter = rng.choice(PLUGIN_LETTERS)
@@ -288,105 +339,62 @@ class Answers:
                 lines.append(rng.choice([b"URELAYCLIENT", b"UFOO"]))
             else:
                 lines.append(letter)
-        out = b"\n".join(lines)
-        if lines and rng.random() < 0.8:
-            out += b"\n"
-        status = rng.choices([0, 1, 120, effects.PLUGIN_CRASHED], [90, 5, 2, 3])[0]
-        failure = rng.choices([None, b"can't execute", b"fork() failed"], [95, 3, 2])[0]
-        return out, status, failure
+        out = [line + b"\n" for line in lines]
+        if out and rng.random() < 0.2:
+            out[-1] = out[-1][:-1]
+        self._lines = out
+        self._end = rng.choices([rq.Exited(0), rq.Exited(1), rq.Exited(120), rq.Signaled(9),
+                                 rq.TIMED_OUT, rq.WaitFailed()], [90, 5, 2, 1, 1, 1])[0]
+        if self._end == rq.TIMED_OUT and request.time_limit is None:  # no limit: no timeout
+            self._end = rq.Signaled(9)
+        return rq.Started(QP + 1)
+
+    def check_password(self, request):
+        return self.rng.choices(
+            [rq.Exited(0), rq.Exited(1), rq.Exited(111), rq.Signaled(9),
+             rq.CannotStart(rq.FORK), rq.CannotStart(rq.PIPE), rq.CannotStart(rq.EXEC),
+             rq.WRITE_FAILED, rq.WaitFailed()], [50, 40, 2, 2, 2, 2, 2, 2, 1])[0]
+
+    def run_program(self, request):
+        outcome = self.rng.choices(
+            [rq.Exited(code) for code in (0, 100, 101, 102, 103, 104, 105, 106, 107, 108, 111, 1)]
+            + [rq.Signaled(9), rq.TIMED_OUT, rq.CannotStart(rq.FORK), rq.CannotStart(rq.EXEC),
+               rq.WaitFailed()],
+            [60] + [3] * 16)[0]
+        if outcome == rq.TIMED_OUT and request.time_limit is None:
+            outcome = rq.Signaled(9)
+        return outcome
+
+    def local_ips(self, request):
+        return self.rng.choices([frozenset({(0, 0, 0, 0), (127, 0, 0, 1)}), rq.Failed("x")],
+                                [98, 2])[0]
+
+    def start_tls(self, request):
+        return self.rng.choices([rq.TLSReady(request.client_ca, ("a warning",)),
+                                 rq.TLSSetupFailed(rq.TLS_CERTIFICATE, b"x"),
+                                 rq.TLSSetupFailed(rq.TLS_CONTEXT)], [90, 5, 5])[0]
+
+    def handshake(self, request):
+        return self.rng.choices([rq.Secured(b"TLS_AES_256_GCM_SHA384"),
+                                 rq.HandshakeFailed(rq.TLS_ERROR, b"bad record"),
+                                 rq.HandshakeFailed(rq.TLS_TIMEOUT)], [90, 5, 5])[0]
+
+    def client_certificate(self, request):
+        return self.rng.choice([rq.NO_CERTIFICATE, rq.PeerCertificate((b"c@client.test",)),
+                                rq.PeerCertificate((), b"unable to get local issuer"),
+                                rq.PeerCertificate((b"x@y",))])
 
 
-def drive(cfg, env, pieces, answers, max_steps):
-    """Run one session; returns (output, queued, exit, marks, offered)."""
-    session = Session(cfg, dict(env), pid=77)
-    rng = answers.rng
-    output = bytearray()
-    queued = []
-    marks = []  # output length when each message was accepted by the queue
-    pending = list(pieces)
-    message = bytearray()
-    plugin_lines = []
-    plugin_status = 0
-    write_ok = True
-    steps = session.run()
-    answer = None
-    for _ in range(max_steps):
-        try:
-            request = steps.send(answer)
-        except StopIteration:
-            raise Failure("the core returned without an Exit request")
-        answer = None
-        output += session.out
-        del session.out[:]
-        if request is effects.READ:
-            answer = pending.pop(0) if pending else b""
-        elif request is effects.NOW:
-            answer = FIXED_TIME
-        elif request is effects.LOCAL_IPS:
-            answer = LOCAL_IPS
-        elif isinstance(request, effects.QueueStart):
-            message = bytearray()
-            # decided per message: how many QueueWrites there are depends on the chunks
-            write_ok = rng.random() > 0.02
-            answer = rng.choices([QP, effects.QUEUE_EXEC_FAILED, None], [95, 3, 2])[0]
-        elif isinstance(request, effects.QueueWrite):
-            if not isinstance(request.data, (bytes, bytearray, memoryview)):
-                raise Failure("QueueWrite of %r" % type(request.data))
-            message += request.data
-            answer = write_ok
-        elif isinstance(request, effects.QueueFinish):
-            if request.envelope is None:
-                answer = (54, b"")
-            else:
-                status = rng.choices([0, 54, 71, 82, 31, effects.QUEUE_CRASHED],
-                                     [90, 2, 2, 2, 2, 2])[0]
-                errtext = b"Dcustom (#5.7.1)" if status == 82 else b""
-                if status == 82:
-                    answers.plugin_texts.add(b"554 custom (#5.7.1)")
-                if status == 0:
-                    queued.append((bytes(message), bytes(request.envelope)))
-                    marks.append(len(output))
-                answer = (status, errtext)
-        elif isinstance(request, effects.Log):
-            # One event, one line of printable text: client bytes are escaped.
-            text = request.text
-            if not text.isprintable() or not text.isascii():
-                raise AssertionError("log line not one printable line: %r" % text)
-        elif isinstance(request, effects.PluginStart):
-            out, plugin_status, failure = answers.plugin_output()
-            if failure is not None:
-                answer = failure
-                continue
-            plugin_lines = [line + b"\n" for line in out.split(b"\n")]
-            plugin_lines[-1] = plugin_lines[-1][:-1]
-        elif isinstance(request, effects.PluginRead):
-            lines = [line for line in plugin_lines if line]
-            plugin_lines = []
-            answer = lines or None
-        elif isinstance(request, effects.PluginFinish):
-            answer = plugin_status
-        elif isinstance(request, effects.CheckPassword):
-            answer = rng.choices([0, 1, 111, "child", "fork", "pipe", "write"],
-                                 [50, 40, 2, 2, 2, 2, 2])[0]
-        elif isinstance(request, effects.RunProgram):
-            answer = rng.choices([0, 100, 101, 102, 103, 104, 105, 106, 107, 108, 111, 1,
-                                  effects.PROGRAM_CRASHED, effects.PROGRAM_NOT_STARTED],
-                                 [60] + [3] * 13)[0]
-        elif isinstance(request, effects.Sleep):
-            pass
-        elif request is effects.TLS_START:
-            answer = rng.choices([None, b"missing certificate: x"], [90, 10])[0]
-        elif request is effects.TLS_HANDSHAKE:
-            answer = rng.choices([(True, b"TLS_AES_256_GCM_SHA384"), (False, b"bad record")],
-                                 [90, 10])[0]
-        elif request is effects.TLS_CLIENT_CERT:
-            answer = rng.choice([(None, None), (b"c@client.test", None), (None, b"no cert")])
-        elif isinstance(request, effects.Exit):
-            output += session.out
-            return bytes(output), queued, request.code, marks
-        else:
-            raise Failure("unexpected request %r" % (request,))
-    raise Failure("no Exit after %d steps" % max_steps)
+def drive(cfg, env, pieces, seed, max_steps):
+    """Run one session; returns (output, queued, exit, marks, plugin texts)."""
+    world = RandomWorld(pieces, seed)
+    try:
+        world.play(Session(cfg, dict(env), pid=77).run(), max_steps)
+    except AssertionError as e:
+        raise Failure(str(e)) from None
+    except StopIteration:
+        raise Failure("the core returned without an Exit request") from None
+    return bytes(world.output), world.queued, world.exit, world.marks, world.plugin_texts
 
 
 def check(output, queued, code, marks, plugin_texts):
@@ -407,10 +415,16 @@ def check(output, queued, code, marks, plugin_texts):
     if accepts != len(queued):
         raise Failure("%d `250 ok <time> qp <pid>` replies but %d messages queued"
                       % (accepts, len(queued)))
-    for mark, (message, envelope) in zip(marks, queued):
-        if not output[mark:].startswith(ACCEPT + b"\r\n"):
-            raise Failure("message queued without a 250 right after: %r"
-                          % output[mark:mark + 100])
+    # The reply right after each 354 is that message's: accepted exactly
+    # for the messages qmail-queue accepted.
+    finals = [lines[i + 1] if i + 1 < len(lines) else None
+              for i, line in enumerate(lines) if line == b"354 go ahead"]
+    accepted = [i for i, final in enumerate(finals) if final is not None
+                and RE_ACCEPT.match(final)]
+    if accepted != marks:
+        raise Failure("messages %r accepted by qmail-queue, but %r got a 250 after their 354"
+                      % (marks, accepted))
+    for message, envelope in queued:
         if not message.startswith(b"Received: "):
             raise Failure("queued message without our Received line: %r" % message[:100])
         if not (envelope[:1] == b"F" and envelope.endswith(b"\0\0")
@@ -429,12 +443,11 @@ def one_session(seed):
     answer_seed = rng.getrandbits(64)
     info = {"seed": seed, "desc": desc, "input": data, "timeout": timeout}
     try:
-        answers = Answers(answer_seed)
-        first = drive(cfg, env, pieces, answers, max_steps)
-        check(*first, answers.plugin_texts)
+        first = drive(cfg, env, pieces, answer_seed, max_steps)
+        check(*first)
         if b"starttls" not in data.lower():
             other = chunk(random.Random(answer_seed ^ 1), data) + ([None] if timeout else [])
-            again = drive(cfg, env, other, Answers(answer_seed), max_steps)
+            again = drive(cfg, env, other, answer_seed, max_steps)
             if again[:3] != first[:3]:
                 raise Failure("another chunking gives another result:\n%r\nvs\n%r"
                               % (first[0][-300:], again[0][-300:]))

@@ -7,11 +7,13 @@ so what they report is what a connection would see.
 """
 
 import os
-import sys
+
+import attrs
+import click
 
 from .cdb import Cdb, CdbError
 from .control import ControlError, leading_number, parse_lines, read_file, read_line
-from .spp import SECTIONS
+from .core.spp import SECTIONS
 
 # Every control file the server reads.
 CONTROL_FILES = ("me", "smtpgreeting", "localiphost", "rcpthosts", "morercpthosts.cdb",
@@ -23,16 +25,28 @@ TEXT_FILES = ("me", "smtpgreeting", "localiphost", "rcpthosts", "badmailfrom", "
               "timeoutsmtpd", "smtpplugins", "tlsclients", "tlsserverciphers")
 TLS_FILES = ("servercert.pem", "clientca.pem", "clientcrl.pem", "tlsclients",
              "tlsserverciphers", "dh2048.pem")
-USAGE = "usage: qmail-smtpd-py check [--qmail-home DIR]   (default $QMAILHOME or /var/qmail)\n"
+
+
+@attrs.frozen
+class Finding:
+    """One problem: the file, what is wrong and the fix; a warning is a
+    set-up that works but is probably not meant."""
+
+    path: str
+    text: str
+    warning: bool = False
+
+    def __str__(self):
+        return "%s%s: %s" % ("warning: " if self.warning else "", self.path, self.text)
 
 
 def check(qmail_home, environ=None):
-    """The problems found in qmail_home, as one line each (empty: all fine),
-    and how many control files were looked at."""
+    """The findings for qmail_home (empty: all fine), and how many control
+    files were looked at."""
     environ = os.environb if environ is None else environ
     if not os.path.isdir(qmail_home):
-        return ["%s: qmail home does not exist (give --qmail-home DIR or set QMAILHOME)"
-                % qmail_home], 0
+        return [Finding(qmail_home, "qmail home does not exist (give --qmail-home DIR or set "
+                                    "QMAILHOME)")], 0
     cwd = os.open(".", os.O_RDONLY)
     os.chdir(qmail_home)
     try:
@@ -55,22 +69,24 @@ def _check_here(environ):
             contents[name] = read_file(path)
         except ControlError as e:
             effect = "STARTTLS would fail" if name in TLS_FILES else "the server would answer 421"
-            problems.append("%s: cannot read (%s), %s; make it a file the server can read"
-                            % (path, str(e).partition(": ")[2], effect))
+            problems.append(Finding(path, "cannot read (%s), %s; make it a file the server can "
+                                          "read" % (str(e).partition(": ")[2], effect)))
     for name in TEXT_FILES:
         problems += _crlf(name, contents.get(name))
 
     if read_or_none("control/me") is None and read_or_none("control/smtpgreeting") is None:
-        problems.append("control/me: neither control/me nor control/smtpgreeting exists, "
-                        "the server would answer 421; put this host's name in control/me")
+        problems.append(Finding("control/me", "neither control/me nor control/smtpgreeting "
+                                "exists, the server would answer 421; put this host's name "
+                                "in control/me"))
     if not os.path.lexists("control/rcpthosts"):
-        problems.append("warning: control/rcpthosts: missing, so this is an open relay "
-                        "(every domain is accepted); list the domains you receive mail for")
+        problems.append(Finding("control/rcpthosts", "missing, so this is an open relay (every "
+                                "domain is accepted); list the domains you receive mail for",
+                                warning=True))
     for name in ("databytes", "timeoutsmtpd"):
         data = contents.get(name)
         if data is not None and leading_number(data.split(b"\n", 1)[0]) is None:
-            problems.append("control/%s: does not start with a digit, so it is ignored; "
-                            "write a number" % name)
+            problems.append(Finding("control/" + name, "does not start with a digit, so it is "
+                                    "ignored; write a number"))
 
     if os.path.lexists("control/morercpthosts.cdb"):
         checked += 1
@@ -93,8 +109,8 @@ def _crlf(name, data):
         return []
     for number, line in enumerate(data.split(b"\n"), 1):
         if line.rstrip(b" \t").endswith(b"\r"):
-            return ["control/%s: line %d ends in CR (DOS line endings); convert the file "
-                    "with dos2unix or tr -d '\\r'" % (name, number)]
+            return [Finding("control/" + name, "line %d ends in CR (DOS line endings); convert "
+                            "the file with dos2unix or tr -d '\\r'" % number)]
     return []
 
 
@@ -102,14 +118,14 @@ def _check_cdb(path):
     try:
         cdb = Cdb.open(path)
     except OSError as e:
-        return ["%s: cannot read (%s); the server would answer 421, fix its permissions "
-                "or rebuild it with qmail-newmrh" % (path, e.strerror)]
+        return [Finding(path, "cannot read (%s); the server would answer 421, fix its "
+                        "permissions or rebuild it with qmail-newmrh" % e.strerror)]
     try:
         for key in (b"example.com", b"localhost", b"check.invalid"):
             cdb.get(key)
     except CdbError as e:
-        return ["%s: unreadable or corrupt (%s); the server would answer 421 at RCPT, "
-                "rebuild it with qmail-newmrh" % (path, e)]
+        return [Finding(path, "unreadable or corrupt (%s); the server would answer 421 at "
+                        "RCPT, rebuild it with qmail-newmrh" % e)]
     finally:
         os.close(cdb.fd)
     return []
@@ -124,8 +140,8 @@ def _check_plugins(environ):
     except ControlError:
         return []  # reported as unreadable above (SPPCONFFILE elsewhere: by the server)
     if data is None:
-        return ["%s: missing, so the server fails closed with 421; create it (empty is "
-                "fine) or set NOSPP to switch qmail-spp off" % conffile]
+        return [Finding(conffile, "missing, so the server fails closed with 421; create it "
+                        "(empty is fine) or set NOSPP to switch qmail-spp off")]
     problems = []
     section = None
     for line in parse_lines(data):
@@ -133,12 +149,13 @@ def _check_plugins(environ):
         if line[:1] == b"[":
             section = line[1:2]
             if section not in SECTIONS:
-                problems.append("warning: %s: unknown section %s, its entries are ignored; "
-                                "use [connection] [helo] [mail] [rcpt] [data] or [auth]"
-                                % (conffile, text))
+                problems.append(Finding(conffile, "unknown section %s, its entries are "
+                                        "ignored; use [connection] [helo] [mail] [rcpt] [data] "
+                                        "or [auth]" % text, warning=True))
         elif section is None:
-            problems.append("warning: %s: %s: before the first [section], so it is ignored; "
-                            "put it under a section header" % (conffile, text))
+            problems.append(Finding(conffile, "%s: before the first [section], so it is "
+                                    "ignored; put it under a section header" % text,
+                                    warning=True))
         elif section in SECTIONS and line[:1] != b":":
             problems += _check_program(conffile, line, text)
     return problems
@@ -148,55 +165,47 @@ def _check_program(conffile, entry, text):
     if os.path.isfile(entry) and os.access(entry, os.X_OK):
         return []
     if b" " in entry and not os.path.exists(entry):
-        return ["warning: %s: %s: looks like a program with arguments, but entries are not "
-                "split; write ':%s' to run it through /bin/sh" % (conffile, text, text)]
+        return [Finding(conffile, "%s: looks like a program with arguments, but entries are "
+                        "not split; write ':%s' to run it through /bin/sh" % (text, text),
+                        warning=True)]
     if not os.path.exists(entry):
-        return ["%s: %s: does not exist (paths are relative to the qmail home); its "
-                "section would answer 451" % (conffile, text)]
-    return ["%s: %s: not an executable file; chmod +x it or fix the path"
-            % (conffile, text)]
+        return [Finding(conffile, "%s: does not exist (paths are relative to the qmail home); "
+                        "its section would answer 451" % text)]
+    return [Finding(conffile, "%s: not an executable file; chmod +x it or fix the path" % text)]
 
 
 def _check_tls(environ):
+    from .core.replies import TLS_SETUP_STEPS
+    from .tls import make_context
     problems = []
     if os.path.isfile("control/servercert.pem") and os.access("control/servercert.pem",
                                                               os.R_OK):
-        from .tls import TLSSetupError, make_context
-        try:
-            make_context(environ)
-        except TLSSetupError as e:
-            problems.append("control/servercert.pem: not usable (%s); STARTTLS would fail "
-                            "with 454, install the certificate chain and key in one PEM file"
-                            % os.fsdecode(e.args[0]))
+        _, outcome = make_context(None, False)
+        if hasattr(outcome, "step"):  # TLSSetupFailed
+            what = TLS_SETUP_STEPS[outcome.step] + (b": " + outcome.detail if outcome.detail
+                                                    else b"")
+            problems.append(Finding("control/servercert.pem", "not usable (%s); STARTTLS would "
+                                    "fail with 454, install the certificate chain and key in "
+                                    "one PEM file" % os.fsdecode(what)))
     ca = os.path.lexists("control/clientca.pem")
     clients = os.path.lexists("control/tlsclients")
     if ca != clients:
         have, missing = ("clientca.pem", "tlsclients") if ca else ("tlsclients", "clientca.pem")
-        problems.append("warning: control/%s: present without control/%s, but relaying by "
-                        "client certificate needs both; add %s or remove %s"
-                        % (have, missing, missing, have))
+        problems.append(Finding("control/" + have, "present without control/%s, but relaying "
+                                "by client certificate needs both; add %s or remove %s"
+                                % (missing, missing, have), warning=True))
     return problems
 
 
-def main(args):
-    qmail_home = os.environ.get("QMAILHOME") or "/var/qmail"
-    args = list(args)
-    while args:
-        arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            sys.stdout.write(USAGE + "Checks the control files; exits 1 on any problem.\n")
-            return 0
-        if arg == "--qmail-home" and args:
-            qmail_home = args.pop(0)
-        elif arg.startswith("--qmail-home="):
-            qmail_home = arg.split("=", 1)[1]
-        else:
-            sys.stderr.write(USAGE)
-            return 2
+@click.command("check")
+@click.option("--qmail-home", envvar="QMAILHOME", default="/var/qmail", show_default=True,
+              metavar="DIR", help="the qmail home whose control/ is checked")
+def command(qmail_home):
+    """Look over the control files for mistakes: one line per problem,
+    naming the file and the fix.  Exit status 1 when there is one."""
     problems, checked = check(qmail_home)
     for problem in problems:
-        print(problem)
+        click.echo(str(problem))
     if not problems:
-        print("ok: %d control files checked" % checked)
-    sys.stdout.flush()
-    return 1 if problems else 0
+        click.echo("ok: %d control files checked" % checked)
+    raise SystemExit(1 if problems else 0)

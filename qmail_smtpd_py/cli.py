@@ -1,55 +1,55 @@
 """Command line entry point.
 
-The per-connection path (no arguments, as tcpserver runs it) goes straight
-to the driver, `serve` to the resident mode, `check` to the control-file
-checker and `plugin-test` to the plugin tester: click is imported only for
-options and --help, because every import costs every connection.
+The per-connection path (no options, as tcpserver runs it: nothing but an
+optional checkpassword command line) goes straight to the driver without
+importing click, because every import costs every connection.  Everything
+else is one click group: `serve`, `check`, `plugin-test`, and the options
+and --help of the connection itself.
 """
 
 import os
 import sys
 
+TOOLS = ("serve", "check", "plugin-test")
+
 
 def main(argv=None):
     args = sys.argv[1:] if argv is None else list(argv)
-    if args[:1] == ["serve"]:
-        from .resident import main as serve_resident
-        return serve_resident(args[1:])
-    if args[:1] == ["check"]:
-        from .check import main as check_main
-        return check_main(args[1:])
-    if args[:1] == ["plugin-test"]:
-        from .plugin_test import main as plugin_test_main
-        return plugin_test_main(args[1:])
-    if not args or not args[0].startswith("-"):
-        from .server import serve
-        code = serve(args)
+    if not args or (not args[0].startswith("-") and args[0] not in TOOLS):
+        from .driver import run_connection
+        code = run_connection(args)
         os._exit(code)  # nothing is buffered: all output went through os.write
-    return _click_main(args)
+    return _tools(args)
 
 
-def _click_main(args):
+def _tools(args):
     import click
 
     from . import __version__
+    from .check import command as check_command
+    from .plugin_test import command as plugin_test_command
+    from .resident import command as serve_command
 
-    @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+    class Group(click.Group):
+        """The tools, and a connection when the first argument names none."""
+
+        def resolve_command(self, ctx, args):
+            if args and args[0] not in self.commands and not args[0].startswith("-"):
+                return "connection", connection, args
+            return super().resolve_command(ctx, args)
+
+    @click.group(cls=Group, invoke_without_command=True,
+                 context_settings={"help_option_names": ["-h", "--help"]})
     @click.option("--qmail-home", envvar="QMAILHOME", default="/var/qmail", show_default=True,
                   type=click.Path(file_okay=False), help="qmail home: control/ is read from here.")
     @click.version_option(__version__, prog_name="qmail-smtpd-py")
-    @click.argument("checkpassword", nargs=-1, type=click.UNPROCESSED)
-    def command(qmail_home, checkpassword):
+    @click.pass_context
+    def group(ctx, qmail_home):
         """SMTP on fd 0/1 for one connection, as qmail-smtpd: run it under
         tcpserver.  Replies, the Received line and the envelope are notqmail's.
-
-        `qmail-smtpd-py serve ...` is the resident mode: see
-        `qmail-smtpd-py serve --help`.  `qmail-smtpd-py check [--qmail-home DIR]`
-        looks over the control files for mistakes.  `qmail-smtpd-py plugin-test
-        PLUGIN [ARG...]` tries a qmail-spp plugin out (see its --help).
-
-        CHECKPASSWORD: for SMTP AUTH, the checkpassword command line
-        (e.g. /bin/checkpassword /bin/true); the old form HOSTNAME
-        CHECKPASSWORD... is accepted too.
+        A first argument that is no command below starts the checkpassword
+        command line for SMTP AUTH (e.g. /bin/checkpassword /bin/true; the
+        old form HOSTNAME CHECKPASSWORD... is accepted too).
 
         \b
         Environment (set by tcpserver, tcprules or envdir):
@@ -82,7 +82,19 @@ def _click_main(args):
         badmailfrom databytes timeoutsmtpd smtpplugins servercert.pem
         clientca.pem tlsclients tlsserverciphers dh2048.pem.
         """
-        from .server import serve
-        sys.exit(serve(checkpassword, os.fsencode(qmail_home)))
+        ctx.obj = qmail_home
+        if ctx.invoked_subcommand is None:
+            ctx.invoke(connection)
 
-    return command.main(args, prog_name="qmail-smtpd-py")
+    @click.command(hidden=True, context_settings={"ignore_unknown_options": True})
+    @click.argument("checkpassword", nargs=-1, type=click.UNPROCESSED)
+    @click.pass_obj
+    def connection(qmail_home, checkpassword):
+        from .driver import run_connection
+        sys.exit(run_connection(checkpassword, os.fsencode(qmail_home)))
+
+    group.add_command(connection)
+    group.add_command(serve_command)
+    group.add_command(check_command)
+    group.add_command(plugin_test_command)
+    return group.main(args, prog_name="qmail-smtpd-py")

@@ -1,19 +1,19 @@
-"""Control files and environment -> one configuration object.
+"""Control files and environment -> one core.config.Config.
 
 Read once per connection, before the greeting, relative to the qmail home
 (the process has already chdir'ed there).  The readers follow qmail's
 control.c: a "line" is the first line with trailing LF/space/TAB removed
 (CR is kept), a "list" drops empty lines and lines starting with '#', an
-"int" is the leading decimal digits of the line.
+"int" is the leading decimal digits of the line.  qmail keeps each entry as
+a C string, so a NUL ends a line file's value and splits a list line into
+several entries.
 """
 
 import os
 
-from .cdb import Cdb, CdbError
-from .spp import parse_config
-
-
-DEFAULT_MAX_LINE = 1 << 16
+from .cdb import Cdb
+from .core.config import DEFAULT_MAX_LINE, LOG_EVENTS, LOG_REPLIES, Config
+from .core.spp import parse_config
 
 
 class ControlError(Exception):
@@ -39,16 +39,31 @@ def read_file(name):
     return b"".join(chunks)
 
 
+def first_line(data):
+    """control_readline(): the first line, trailing space/TAB removed, up to
+    a NUL (qmail sends a NUL in smtpgreeting to the client and cuts
+    localiphost at it in some uses only; here the value ends there)."""
+    line = data.split(b"\n", 1)[0].rstrip(b" \t")
+    return line.split(b"\0", 1)[0]
+
+
 def read_line(name):
     data = read_file(name)
-    if data is None:
-        return None
-    return data.split(b"\n", 1)[0].rstrip(b" \t")
+    return None if data is None else first_line(data)
 
 
 def parse_lines(data):
-    lines = (line.rstrip(b" \t") for line in data.split(b"\n"))
-    return [line for line in lines if line and not line.startswith(b"#")]
+    """control_readfile(): the entries of a list file.  Each line loses its
+    trailing space/TAB; a line that is empty or starts with '#' or NUL is
+    dropped; what is left becomes NUL-terminated C strings, so a NUL inside
+    a line splits it into entries (empty ones included, and a '#' after a
+    NUL is no comment)."""
+    entries = []
+    for line in data.split(b"\n"):
+        line = line.rstrip(b" \t")
+        if line and line[0] not in b"#\0":
+            entries += line.split(b"\0") if b"\0" in line else (line,)
+    return entries
 
 
 def read_list(name):
@@ -76,61 +91,6 @@ def c_int(value):
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-# SMTPLOGLEVEL: what goes to the log (stderr).  Errors are always logged;
-# the default adds one line per connection event (connect, accept, each
-# refusal, AUTH, TLS, close); 2 adds every command (AUTH arguments hidden),
-# 3 every reply.
-LOG_ERRORS, LOG_EVENTS, LOG_COMMANDS, LOG_REPLIES = 0, 1, 2, 3
-
-
-class Config:
-    """Everything the session needs from control/ and the start-up environment."""
-
-    __slots__ = ("greeting", "localiphost", "timeout", "rcpthosts", "morercpthosts",
-                 "badmailfrom", "databytes", "max_line", "plugins", "auth_mode",
-                 "checkpassword", "auth_hostname", "tls", "smtps", "force_tls", "require_tls",
-                 "smtputf8", "log_level")
-
-    def __init__(self, greeting, localiphost=None, timeout=1200, rcpthosts=None,
-                 morercpthosts=None, badmailfrom=None, databytes=0, max_line=DEFAULT_MAX_LINE,
-                 plugins=None, auth_mode=None, checkpassword=(), auth_hostname=None,
-                 tls=False, smtps=False, force_tls=False, require_tls=False, smtputf8=False,
-                 log_level=LOG_EVENTS):
-        self.greeting = greeting          # bytes, used verbatim in 220/250/221
-        self.localiphost = localiphost    # bytes or None (feature off)
-        self.timeout = timeout            # seconds for each read and write
-        self.rcpthosts = rcpthosts        # set of lower-cased domains, or None = accept all
-        self.morercpthosts = morercpthosts  # container of domains (cdb) or None
-        self.badmailfrom = badmailfrom    # set of lower-cased entries, or None
-        self.databytes = databytes        # 0 = unlimited
-        self.max_line = max_line          # longest command line accepted
-        self.plugins = plugins            # qmail-spp entries per section letter; None = off
-        self.auth_mode = auth_mode        # auth.* mode; None = plain notqmail, no AUTH patch
-        self.checkpassword = checkpassword  # argv of the checkpassword program
-        self.auth_hostname = auth_hostname  # CRAM-MD5 challenge host (old 3-argument form)
-        self.tls = tls                    # control/servercert.pem exists: offer STARTTLS
-        self.smtps = smtps                # SMTPS set: TLS from the first byte
-        self.force_tls = force_tls        # FORCETLS: no AUTH before TLS
-        self.require_tls = require_tls    # TLSREQUIRED: no MAIL before TLS
-        self.smtputf8 = smtputf8          # SMTPUTF8: offer RFC 6531 (off: netqmail's EHLO)
-        self.log_level = log_level        # SMTPLOGLEVEL: LOG_ERRORS ... LOG_REPLIES
-
-
-class _CheckedCdb:
-    """A Cdb whose read errors become ControlError (421 at RCPT time)."""
-
-    __slots__ = ("cdb",)
-
-    def __init__(self, cdb):
-        self.cdb = cdb
-
-    def __contains__(self, key):
-        try:
-            return key in self.cdb
-        except CdbError as e:
-            raise ControlError("control/morercpthosts.cdb: %s" % e) from None
-
-
 def auth_settings(environ, args):
     """(mode, checkpassword argv, hostname) from SMTPAUTH and the command line.
 
@@ -142,7 +102,7 @@ def auth_settings(environ, args):
     smtpauth = environ.get(b"SMTPAUTH")
     if not args and smtpauth is None:
         return None, (), None
-    from .auth import parse_mode
+    from .core.auth import parse_mode
     args = [os.fsencode(a) for a in args]
     hostname = None
     if args and not args[0].startswith(b"/"):
@@ -151,7 +111,11 @@ def auth_settings(environ, args):
 
 
 def load(environ, args=()):
-    """Read control/* (cwd = qmail home) and the relevant environment."""
+    """Read control/* (cwd = qmail home) and the relevant environment.
+
+    Returns (config, morercpthosts): the open morercpthosts.cdb (a cdb.Cdb,
+    which the driver looks recipients up in) or None.  Raises ControlError.
+    """
     me = read_line("control/me")
     greeting = read_line("control/smtpgreeting")
     if greeting is None:
@@ -171,11 +135,9 @@ def load(environ, args=()):
     if rcpthosts is not None:
         rcpthosts = {host.lower() for host in rcpthosts}
         try:
-            cdb = Cdb.open("control/morercpthosts.cdb")
+            morercpthosts = Cdb.open("control/morercpthosts.cdb")
         except OSError as e:
             raise ControlError("control/morercpthosts.cdb: %s" % e.strerror) from None
-        if cdb is not None:
-            morercpthosts = _CheckedCdb(cdb)
 
     plugins = None
     if b"NOSPP" not in environ:
@@ -198,25 +160,46 @@ def load(environ, args=()):
     if databytes == 0xFFFFFFFF:
         databytes -= 1
 
-    # Not in qmail (its lines are unbounded); SMTPMAXLINE bounds memory use.
-    max_line = leading_number(environ.get(b"SMTPMAXLINE", b"")) or DEFAULT_MAX_LINE
-
     auth_mode, checkpassword, auth_hostname = auth_settings(environ, args)
 
     # As the TLS patch: the certificate's existence decides; it is loaded
     # only when a client asks for TLS.
     tls = os.path.exists("control/servercert.pem")
+    tls_ciphers = tls_clients = None
+    if tls:
+        tls_ciphers = environ.get(b"TLSCIPHERS")
+        if tls_ciphers is None:
+            lines = read_list("control/tlsserverciphers")
+            tls_ciphers = b":".join(lines) if lines else None
+        clients = read_list("control/tlsclients")
+        if clients is not None and os.path.exists("control/clientca.pem"):
+            tls_clients = frozenset(clients)
 
-    return Config(greeting, localiphost, timeout, rcpthosts, morercpthosts,
-                  badmailfrom, databytes, max_line, plugins, auth_mode, checkpassword,
-                  auth_hostname, tls, b"SMTPS" in environ, _flag(environ, b"FORCETLS"),
-                  _flag(environ, b"TLSREQUIRED"), _flag(environ, b"SMTPUTF8"),
-                  _log_level(environ))
+    config = Config(
+        greeting=greeting, localiphost=localiphost, timeout=timeout, rcpthosts=rcpthosts,
+        morercpthosts=morercpthosts is not None, badmailfrom=badmailfrom,
+        databytes=databytes,
+        # Not in qmail (its lines are unbounded); SMTPMAXLINE bounds memory use.
+        max_line=leading_number(environ.get(b"SMTPMAXLINE", b"")) or DEFAULT_MAX_LINE,
+        plugins=plugins, plugin_time_limit=_time_limit(environ, b"SPPTIMEOUT"),
+        program_time_limit=_time_limit(environ, b"SMTPEXTFORKTIMEOUT"),
+        auth_mode=auth_mode, checkpassword=checkpassword, auth_hostname=auth_hostname,
+        tls=tls, smtps=b"SMTPS" in environ, force_tls=_flag(environ, b"FORCETLS"),
+        require_tls=_flag(environ, b"TLSREQUIRED"), tls_ciphers=tls_ciphers,
+        tls_clients=tls_clients, smtputf8=_flag(environ, b"SMTPUTF8"),
+        log_level=_log_level(environ))
+    return config, morercpthosts
 
 
 def _flag(environ, name):
     """An on/off variable: set and not empty or "0"."""
     return environ.get(name, b"") not in (b"", b"0")
+
+
+def _time_limit(environ, name):
+    """SPPTIMEOUT / SMTPEXTFORKTIMEOUT: seconds a qmail-spp plugin / an
+    SMTPEXTFORK program may run (unset or 0: no limit, as the C patches)."""
+    return leading_number(environ.get(name, b"")) or None
 
 
 def _log_level(environ):

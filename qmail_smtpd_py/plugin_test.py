@@ -26,8 +26,8 @@ Exit status: 0 when the session ran (whatever the replies were), 1 when it
 could not run or a reply did not come within --timeout seconds, 2 for a
 usage error (one line on stderr).
 
-Options are parsed by hand, as in check.py: they come before PLUGIN, and
-everything after PLUGIN is the plugin's arguments, options included.
+Options come before PLUGIN; everything after PLUGIN is the plugin's
+arguments, options included.
 """
 
 import base64
@@ -40,45 +40,16 @@ import sys
 import tempfile
 import time
 
+import click
+
 SECTIONS = ("connection", "helo", "mail", "rcpt", "data", "auth")
 DEFAULTS = {"section": "rcpt", "helo": "client.example", "from": "sender@example.org",
             "to": "postmaster@localhost", "timeout": 30.0, "auth_method": "plain"}
 AUTH_PASSWORD = b"plugin-test"  # any password is accepted for --auth-user
-USAGE = """\
-usage: qmail-smtpd-py plugin-test [OPTIONS] PLUGIN [ARG...]
-
-Runs PLUGIN (a path, or the name of an installed plugin such as tarpit) as
-the only qmail-spp plugin of a section, against a scripted SMTP session with
-the installed qmail-smtpd-py, and prints the transcript: C: client lines,
-S: server lines, L: log lines (the plugin's stderr), Q: what the (discarding)
-queue got, # notes.  With ARGs the plugin is listed as a ':' entry (run by
-/bin/sh -c, arguments quoted).  Options go before PLUGIN.
-
-  --section NAME      connection, helo, mail, rcpt (default), data or auth;
-                      repeat it to list the plugin in several sections
-  --helo NAME         EHLO argument (default client.example)
-  --from ADDR         sender (default sender@example.org; "" for <>)
-  --to ADDR           recipient, repeatable (default postmaster@localhost)
-  --auth-user USER    log in with AUTH before MAIL (SMTPAUTH is set and a
-                      checkpassword accepting USER with any password is used);
-                      needed for --section auth
-  --auth-method M     plain (default) or login
-  --env NAME=VALUE    set a variable for the server and its plugins,
-                      repeatable (e.g. TCPREMOTEIP=192.0.2.1, RELAYCLIENT=)
-  --script FILE       client lines to send instead of the default
-                      EHLO [AUTH] MAIL RCPT... DATA message QUIT ('-': stdin)
-  --qmail-home DIR    use this qmail home's control files (default: a
-                      temporary home: control/me localhost, rcpthosts
-                      localhost and the domains of the recipients, from
-                      --to and the script's RCPT TO lines)
-  --timeout SECONDS   most time to wait for each reply (default 30)
-
-Exit status: 0 the session ran, 1 it could not run or timed out, 2 usage error.
-"""
 
 
-class UsageError(Exception):
-    """A mistake on the command line: one line on stderr, exit 2."""
+class UsageError(click.UsageError):
+    """A mistake on the command line: exit 2."""
 
 
 class Options:
@@ -95,39 +66,6 @@ class Options:
         self.timeout = DEFAULTS["timeout"]
         self.plugin = None
         self.args = []
-
-
-def parse_args(args):
-    """Options from the command line, or UsageError; None for --help."""
-    opts = Options()
-    args = list(args)
-    takes_value = {"--section", "--helo", "--from", "--to", "--auth-user", "--auth-method",
-                   "--env", "--script", "--qmail-home", "--timeout"}
-    while args:
-        arg = args.pop(0)
-        if arg in ("-h", "--help"):
-            return None
-        if arg == "--":
-            break
-        if not arg.startswith("-") or arg == "-":
-            args.insert(0, arg)
-            break
-        name, eq, value = arg.partition("=")
-        if name not in takes_value:
-            raise UsageError("unknown option %s (options go before PLUGIN; see --help)" % name)
-        if not eq:
-            if not args:
-                raise UsageError("%s needs a value" % name)
-            value = args.pop(0)
-        _set_option(opts, name, value)
-    if not args:
-        raise UsageError("no PLUGIN given (see --help)")
-    opts.plugin, opts.args = args[0], args[1:]
-    opts.sections = opts.sections or [DEFAULTS["section"]]
-    opts.rcpts = opts.rcpts or [DEFAULTS["to"]]
-    if "auth" in opts.sections and opts.auth_user is None:
-        raise UsageError("[auth] plugins run only after a successful AUTH: give --auth-user USER")
-    return opts
 
 
 def _set_option(opts, name, value):
@@ -538,33 +476,78 @@ def run_session(child, lines, queue_dir):
             note("DATA refused: its message lines are not sent")
 
 
-def main(args):
-    try:
-        opts = parse_args(args)
-        if opts is None:
-            sys.stdout.write(USAGE)
-            return 0
-        plugin = find_plugin(opts.plugin)
-        entry = plugin_entry(plugin, opts.args)
-        lines = client_script(opts)
-    except UsageError as e:
-        sys.stderr.write("qmail-smtpd-py plugin-test: %s\n" % e)
-        return 2
+@click.command("plugin-test", context_settings={"allow_interspersed_args": False,
+                                                "help_option_names": ["-h", "--help"]})
+@click.option("--section", "sections", multiple=True, metavar="NAME",
+              help="connection, helo, mail, rcpt (default), data or auth; repeat it to list "
+                   "the plugin in several sections")
+@click.option("--helo", metavar="NAME", help="EHLO argument (default client.example)")
+@click.option("--from", "mail_from", metavar="ADDR",
+              help='sender (default sender@example.org; "" for <>)')
+@click.option("--to", "rcpts", multiple=True, metavar="ADDR",
+              help="recipient, repeatable (default postmaster@localhost)")
+@click.option("--auth-user", metavar="USER",
+              help="log in with AUTH before MAIL (SMTPAUTH is set and a checkpassword "
+                   "accepting USER with any password is used); needed for --section auth")
+@click.option("--auth-method", metavar="M", help="plain (default) or login")
+@click.option("--env", "envs", multiple=True, metavar="NAME=VALUE",
+              help="set a variable for the server and its plugins, repeatable (e.g. "
+                   "TCPREMOTEIP=192.0.2.1, RELAYCLIENT=)")
+@click.option("--script", metavar="FILE",
+              help="client lines to send instead of the default EHLO [AUTH] MAIL RCPT... "
+                   "DATA message QUIT ('-': stdin)")
+@click.option("--qmail-home", metavar="DIR",
+              help="use this qmail home's control files (default: a temporary home: "
+                   "control/me localhost, rcpthosts localhost and the domains of the "
+                   "recipients, from --to and the script's RCPT TO lines)")
+@click.option("--timeout", metavar="SECONDS", help="most time to wait for each reply "
+                                                   "(default 30)")
+@click.argument("plugin", required=False)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def command(plugin, args, **given):
+    """Run PLUGIN (a path, or the name of an installed plugin such as tarpit)
+    as the only qmail-spp plugin of a section, against a scripted SMTP
+    session with the installed qmail-smtpd-py, and print the transcript:
+    C: client lines, S: server lines, L: log lines (the plugin's stderr),
+    Q: what the (discarding) queue got, # notes.  With ARGs the plugin is
+    listed as a ':' entry (run by /bin/sh -c, arguments quoted).  Options go
+    before PLUGIN.
+
+    Exit status: 0 the session ran, 1 it could not run or timed out, 2 usage
+    error.
+    """
+    opts = Options()
+    for name, values in given.items():
+        option = "--" + {"sections": "section", "mail_from": "from", "rcpts": "to",
+                         "envs": "env"}.get(name, name).replace("_", "-")
+        for value in values if isinstance(values, tuple) else [values]:
+            if value is not None:
+                _set_option(opts, option, value)
+    if plugin is None:
+        raise UsageError("no PLUGIN given (see --help)")
+    opts.plugin, opts.args = plugin, list(args)
+    opts.sections = opts.sections or [DEFAULTS["section"]]
+    opts.rcpts = opts.rcpts or [DEFAULTS["to"]]
+    if "auth" in opts.sections and opts.auth_user is None:
+        raise UsageError("[auth] plugins run only after a successful AUTH: give --auth-user USER")
+    entry = plugin_entry(find_plugin(opts.plugin), opts.args)
+    lines = client_script(opts)
     server = find_server()
     if server is None:
         sys.stderr.write("qmail-smtpd-py plugin-test: qmail-smtpd-py not found in %s\n"
                          % " or ".join(bin_dir_candidates()))
-        return 1
+        raise SystemExit(1)
     root = tempfile.mkdtemp(prefix="qmail-smtpd-py-plugin-test-")
     try:
-        return _run(opts, server, entry, lines, root)
+        code = _run(opts, server, entry, lines, root)
     except KeyboardInterrupt:
-        return 130
+        code = 130
     except BrokenPipeError:  # e.g. `plugin-test ... | head`: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), 1)  # no second error at exit's flush
-        return 1
+        code = 1
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    raise SystemExit(code)
 
 
 def _run(opts, server, entry, lines, root):

@@ -23,12 +23,15 @@ import signal
 import socket
 import sys
 
-from . import server
+import click
+
+from . import driver as server
 from .cdb import Cdb, CdbError
 
 # Everything a session may need, imported once in the parent (the children
 # inherit it with the fork instead of importing it again).
-from . import auth, extfork, plugin_process, queue, session, spp, tls  # noqa: F401
+from . import children, control, tls  # noqa: F401
+from .core import auth, extfork, queue, session, spp  # noqa: F401
 
 SD_LISTEN_FDS_START = 3
 
@@ -101,6 +104,14 @@ class Options:
             raise ValueError("HOST and PORT are required without LISTEN_FDS")
         options.args = tuple(rest)
         return options
+
+
+@click.command("serve", add_help_option=False, context_settings={
+    "ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def command(args):
+    """The resident mode: accept SMTP connections on HOST PORT (see serve --help)."""
+    raise SystemExit(main(list(args)))
 
 
 def main(argv):
@@ -287,7 +298,8 @@ class Resident:
             os.dup2(conn.fileno(), 0)
             os.dup2(conn.fileno(), 1)
             conn.close()
-            env = connection_env(os.environb, local, remote, self.options.local_name)
+            env = connection_env(server.started_environment(os.environb), local, remote,
+                                 self.options.local_name)
             if self.options.rules is not None:
                 try:
                     rule = rules_lookup(self.options.rules, env[b"TCPREMOTEIP"])
@@ -300,7 +312,7 @@ class Resident:
                         self.log("serve: deny %d %s" % (os.getpid(), remote[0]))
                         os._exit(100)
                     env.update(assignments)
-            code = server.serve(self.options.args, self.options.qmail_home, env)
+            code = server.run_connection(self.options.args, self.options.qmail_home, env)
         except BaseException as e:  # never return into the parent's loop
             self.log("serve: child failed: %s: %s" % (type(e).__name__, e))
         os._exit(code)

@@ -18,15 +18,15 @@ never fails the handshake, its verification error is only remembered.
 import os
 import ssl
 
-from .control import parse_lines, read_file
+from .core.requests import (
+    NO_CERTIFICATE, TLS_CERTIFICATE, TLS_CLOSED, TLS_CONTEXT, TLS_ERROR, TLS_KEY, TLS_TIMEOUT,
+    HandshakeFailed, PeerCertificate, Secured, TLSReady, TLSSetupFailed,
+)
 
 SERVERCERT = "control/servercert.pem"
 CLIENTCA = "control/clientca.pem"
 CLIENTCRL = "control/clientcrl.pem"
-
-
-class TLSSetupError(Exception):
-    """The reply text after '454 TLS ', e.g. b"missing certificate: ..."."""
+DHPARAMS = "control/dh2048.pem"
 
 
 def _reason(exc):
@@ -39,39 +39,54 @@ def _reason(exc):
     return text.encode("utf-8", "backslashreplace")
 
 
-def make_context(environ, log=lambda text: None):
-    """The server context for this connection; raises TLSSetupError."""
+def make_context(ciphers, client_ca):
+    """(context or None, TLSReady or TLSSetupFailed) for a StartTLS request:
+    the server context from control/servercert.pem, asking for client
+    certificates signed by control/clientca.pem when client_ca is true."""
     try:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     except ssl.SSLError as e:
-        raise TLSSetupError(b"unable to initialize ctx: " + _reason(e)) from None
+        return None, TLSSetupFailed(TLS_CONTEXT, _reason(e))
     try:
         context.load_cert_chain(SERVERCERT)
     except (ssl.SSLError, OSError) as e:
-        raise TLSSetupError(_certificate_error(e)) from None
-    ciphers = environ.get(b"TLSCIPHERS")
-    if ciphers is None:
-        lines = parse_lines(read_file("control/tlsserverciphers") or b"")
-        ciphers = b":".join(lines) if lines else None
+        return None, TLSSetupFailed(*_certificate_error(e))
+    warnings = []
     if ciphers:
         try:
             context.set_ciphers(ciphers.decode("ascii", "replace"))
         except ssl.SSLError as e:  # as the patch: keep the defaults (TLS 1.3 still works)
-            log("TLS: cipher list %r not usable: %s" % (ciphers, e))
+            warnings.append("cipher list %r not usable: %s" % (ciphers, e))
+    client_certs = False
     try:
-        if os.path.exists("control/dh2048.pem"):
-            context.load_dh_params("control/dh2048.pem")
-        if tls_clients() is not None and os.path.exists(CLIENTCA):
+        if os.path.exists(DHPARAMS):
+            context.load_dh_params(DHPARAMS)
+        if client_ca:
             context.load_verify_locations(CLIENTCA)
             if os.path.exists(CLIENTCRL):
                 context.load_verify_locations(CLIENTCRL)
                 context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
-            context.verify_mode = ssl.CERT_OPTIONAL
-            context.verify_errors = []
-            context.verify_callback = _remember_verify_errors(context, context.verify_errors)
+            client_certs = _ask_for_client_certificates(context, warnings)
     except (ssl.SSLError, OSError) as e:
-        raise TLSSetupError(b"unable to initialize ctx: " + _reason(e)) from None
-    return context
+        return None, TLSSetupFailed(TLS_CONTEXT, _reason(e))
+    return context, TLSReady(client_certs, tuple(warnings))
+
+
+def _ask_for_client_certificates(context, warnings):
+    """Ask for (never require) a client certificate, keeping the first
+    verification error instead of failing the handshake, as the patch's
+    verify_cb.  That needs libssl through ctypes; if that cannot be done on
+    this Python, TLS goes on without client certificates (False)."""
+    context.verify_errors = []
+    try:
+        context.verify_callback = _remember_verify_errors(context, context.verify_errors)
+    except (OSError, AttributeError, ValueError, ssl.SSLError) as e:
+        context.verify_mode = ssl.CERT_NONE
+        warnings.append("client certificates not available (no relaying by certificate): %s"
+                        % e)
+        return False
+    context.verify_mode = ssl.CERT_OPTIONAL
+    return True
 
 
 def _libssl():
@@ -92,9 +107,9 @@ def _ssl_ctx(ctypes, lib, context):
 
 
 def _certificate_error(exc):
-    """The patch's 454 text for an unusable servercert.pem, with OpenSSL's
-    error string (the ssl module keeps only its own summary): the patch's
-    loading steps are replayed through libssl to read the error queue."""
+    """(step, OpenSSL's error string) for an unusable servercert.pem (the ssl
+    module keeps only its own summary): the patch's loading steps are
+    replayed through libssl to read the error queue."""
     try:
         ctypes, lib = _libssl()
         scratch = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # referenced while c_ctx is used
@@ -106,22 +121,21 @@ def _certificate_error(exc):
                                                     ctypes.c_int]
         lib.SSL_CTX_check_private_key.argtypes = [ctypes.c_void_p]
         for what, step in (
-                (b"missing certificate",
+                (TLS_CERTIFICATE,
                  lambda: lib.SSL_CTX_use_certificate_chain_file(c_ctx, SERVERCERT.encode())),
-                (b"no valid RSA private key",
-                 lambda: lib.SSL_CTX_use_PrivateKey_file(c_ctx, SERVERCERT.encode(), 1)),
-                (b"no valid RSA private key", lambda: lib.SSL_CTX_check_private_key(c_ctx))):
+                (TLS_KEY, lambda: lib.SSL_CTX_use_PrivateKey_file(c_ctx, SERVERCERT.encode(), 1)),
+                (TLS_KEY, lambda: lib.SSL_CTX_check_private_key(c_ctx))):
             lib.ERR_clear_error()
             if step() != 1:
                 code = lib.ERR_get_error()
                 if not code:
-                    return what
+                    return what, b""
                 text = ctypes.create_string_buffer(256)
                 lib.ERR_error_string_n(code, text, len(text))
-                return what + b": " + text.value
-    except (OSError, AttributeError, ssl.SSLError):
+                return what, text.value
+    except (OSError, AttributeError, ValueError, ssl.SSLError):
         pass
-    return b"missing certificate: " + _reason(exc)
+    return TLS_CERTIFICATE, _reason(exc)
 
 
 def _remember_verify_errors(context, errors):
@@ -154,45 +168,44 @@ def _remember_verify_errors(context, errors):
     return callback
 
 
-def tls_clients():
-    """The e-mail addresses of control/tlsclients, or None without the file."""
-    data = read_file("control/tlsclients")
-    return None if data is None else set(parse_lines(data))
-
-
 class TLSConnection:
-    """An SSLObject between the session's plain text and the raw fds."""
+    """An SSLObject between the session's plain text and the raw fds.
+
+    read_raw() gives bytes, b"" at EOF or None after the timeout;
+    write_raw(bytes) sends them (the driver's own clear-text I/O)."""
 
     def __init__(self, context):
+        errors = getattr(context, "verify_errors", None)
+        if errors:  # a context serves one connection at a time
+            del errors[:]
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.ssl = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
 
     def handshake(self, read_raw, write_raw):
-        """Returns (True, cipher) or (False, reason).  read_raw() gives bytes,
-        b"" at EOF or None on timeout; write_raw(bytes) sends them."""
+        """Secured or HandshakeFailed."""
         while True:
             try:
                 self.ssl.do_handshake()
                 write_raw(self.outgoing.read())
-                return True, self.ssl.cipher()[0].encode("ascii")
+                return Secured(self.ssl.cipher()[0].encode("ascii"))
             except ssl.SSLWantReadError:
                 write_raw(self.outgoing.read())
                 data = read_raw()
                 if data is None:
-                    return False, b"timed out"
+                    return HandshakeFailed(TLS_TIMEOUT)
                 if not data:
-                    return False, b"connection closed"
+                    return HandshakeFailed(TLS_CLOSED)
                 self.incoming.write(data)
             except (ssl.SSLError, OSError) as e:
                 try:
                     write_raw(self.outgoing.read())  # the alert, if any
                 except OSError:
                     pass
-                return False, _reason(e)
+                return HandshakeFailed(TLS_ERROR, _reason(e))
 
     def read(self, read_raw, write_raw, size):
-        """Plain text: bytes, b"" at EOF, None on timeout."""
+        """Plain text: bytes, b"" at EOF (or a TLS error), None on timeout."""
         while True:
             try:
                 data = self.ssl.read(size)
@@ -206,9 +219,7 @@ class TLSConnection:
                 if not raw:
                     return b""
                 self.incoming.write(raw)
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                return b""
-            except ssl.SSLError:
+            except ssl.SSLError:  # close_notify, EOF, or a broken record
                 return b""
 
     def encrypt(self, data):
@@ -223,22 +234,16 @@ class TLSConnection:
             pass  # we do not wait for the client's
         return self.outgoing.read()
 
-    def client_cert(self):
-        """(email, reason) for relaying by client certificate."""
+    def client_certificate(self):
+        """PeerCertificate, or NO_CERTIFICATE when none was given or asked for."""
         context = self.ssl.context
-        clients = tls_clients()
-        if clients is None or context.verify_mode != ssl.CERT_OPTIONAL:
-            return None, None
+        if context.verify_mode != ssl.CERT_OPTIONAL:
+            return NO_CERTIFICATE
         cert = self.ssl.getpeercert()
         if not cert:
-            return None, None
-        if context.verify_errors:
-            return None, context.verify_errors[0]
-        emails = [value for rdn in cert.get("subject", ()) for key, value in rdn
-                  if key == "emailAddress"]
-        if not emails:
-            return None, b"contains no email address"
-        email = emails[0].encode("utf-8", "backslashreplace")
-        if email not in clients:
-            return None, b"email address not in my list of tlsclients"
-        return email, None
+            return NO_CERTIFICATE
+        errors = context.verify_errors
+        emails = tuple(value.encode("utf-8", "backslashreplace")
+                       for rdn in cert.get("subject", ()) for key, value in rdn
+                       if key == "emailAddress")
+        return PeerCertificate(emails, errors[0] if errors else None)

@@ -45,7 +45,13 @@ def test_qmail_home_option_forms_and_env(make_home):
 def test_help():
     lines, code = run_check("--help")
     assert code == 0
-    assert lines[0].startswith("usage: qmail-smtpd-py check [--qmail-home DIR]")
+    assert lines[0].startswith("Usage: qmail-smtpd-py check [OPTIONS]")
+    assert any(line.lstrip().startswith("--qmail-home DIR") for line in lines)
+
+
+def test_usage_error_exits_2():
+    lines, code = run_check("--bogus")
+    assert (lines, code) == ([], 2)
 
 
 def test_missing_home(tmp_path):

@@ -2,8 +2,8 @@
 
 from hypothesis import example, given, settings, strategies as st
 
-from qmail_smtpd_py import data
-from qmail_smtpd_py.data import Blast, BareLF
+from qmail_smtpd_py.core import data
+from qmail_smtpd_py.core.data import Blast, BareLF
 
 from blast_oracle import blast
 

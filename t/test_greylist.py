@@ -11,6 +11,7 @@ Behaviour: plugins/greylist (its docstring is the manual).
 
 import concurrent.futures
 import os
+import re
 import sqlite3
 import subprocess
 
@@ -97,7 +98,8 @@ def test_retry_after_the_delay_is_accepted_and_stays_accepted(grey):
     age(grey, 300)
     res = attempt(grey)
     assert res.out == ACCEPTED
-    assert b"passed after 300 s" in res.err
+    # 300 s back, and the second (or two) the attempt itself took on a busy machine
+    assert re.search(rb"passed after 30[0-9] s", res.err), res.err
     ((*_, passed, attempts),) = rows(grey)
     assert passed is not None and attempts == 2
     assert attempt(grey).out == ACCEPTED  # confirmed: no more waiting

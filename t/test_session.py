@@ -2,9 +2,9 @@
 
 from hypothesis import given, settings, strategies as st
 
-from qmail_smtpd_py.effects import QUEUE_CRASHED, QUEUE_EXEC_FAILED
+from qmail_smtpd_py.core import requests as rq
 
-from transcript import config, run
+from world import config, run
 
 GREETING = b"220 mx.example.org ESMTP\r\n"
 MSG = b"MAIL FROM:<a@b.c>\r\nRCPT TO:<u@example.com>\r\nDATA\r\nSubject: t\r\n\r\nhi\r\n.\r\n"
@@ -47,18 +47,18 @@ def test_over_long_command_line_is_refused_and_the_session_goes_on():
 
 
 def test_queue_exec_failure_reads_the_message_then_451():
-    r = run(MSG + b"NOOP\r\n", queue_start=QUEUE_EXEC_FAILED)
+    r = run(MSG + b"NOOP\r\n", queue_start=rq.CannotStart(rq.EXEC, "No such file or directory"))
     assert r.output.endswith(b"354 go ahead\r\n451 unable to exec qq (#4.3.0)\r\n250 ok\r\n")
 
 
 def test_no_pipe_or_process_gives_qqt_failure_without_354():
-    r = run(MSG + b"NOOP\r\n", queue_start=None)
+    r = run(MSG + b"NOOP\r\n", queue_start=rq.CannotStart(rq.FORK, "Resource temporarily unavailable"))
     assert r.output == GREETING + b"250 ok\r\n250 ok\r\n451 qqt failure (#4.3.0)\r\n502 unimplemented (#5.5.1)\r\n502 unimplemented (#5.5.1)\r\n" \
         b"502 unimplemented (#5.5.1)\r\n502 unimplemented (#5.5.1)\r\n250 ok\r\n"
 
 
 def test_queue_crash_and_custom_error_text():
-    assert run(MSG, queue_status=QUEUE_CRASHED).output.endswith(b"451 qq crashed (#4.3.0)\r\n")
+    assert run(MSG, queue_status=rq.Signaled(11)).output.endswith(b"451 qq crashed (#4.3.0)\r\n")
     r = run(MSG, queue_status=82, queue_errtext=b"Dno thanks (#5.7.1)")
     assert r.output.endswith(b"554 no thanks (#5.7.1)\r\n")
 
@@ -150,7 +150,7 @@ def test_spp_rcpt_plugin_rejects_and_sees_counters():
 
 
 def test_spp_crash_after_output_gives_451_after_it():
-    r = run(b"HELO x\r\n", cfg=spp_config(h=[b"p/h"]), plugins={b"p/h": (b"P250-a", -1)})
+    r = run(b"HELO x\r\n", cfg=spp_config(h=[b"p/h"]), plugins={b"p/h": (b"P250-a", rq.Signaled(11))})
     assert r.output == GREETING + b"250-a\r\n451 qmail-spp failure: p/h: child crashed (#4.3.0)\r\n"
 
 
@@ -162,7 +162,7 @@ def test_spp_headers_follow_received_and_are_reset():
 
 
 def auth_config(mode=b"", **kw):
-    from qmail_smtpd_py.auth import parse_mode
+    from qmail_smtpd_py.core.auth import parse_mode
     return config(auth_mode=parse_mode(mode), checkpassword=(b"/cp", b"/bin/true"), **kw)
 
 
@@ -200,7 +200,7 @@ def test_cram_md5_challenge_and_fd3_with_challenge_field():
 def test_starttls_discards_pipelined_input_and_resets_helo():
     cfg = config(tls=True)
     r = run([b"EHLO c\r\nSTARTTLS\r\nNOOP\r\n", b"MAIL FROM:<a@b.c>\r\nRCPT TO:<u@example.com>\r\n"
-             b"DATA\r\n.\r\n"], cfg=cfg, tls=(None, (True, b"TLS_X"), (None, None)))
+             b"DATA\r\n.\r\n"], cfg=cfg, handshake=rq.Secured(b"TLS_X"))
     assert r.output == GREETING + b"250-mx.example.org\r\n250-STARTTLS\r\n250-PIPELINING\r\n" \
         b"250 8BITMIME\r\n220 ready for tls\r\n250 ok\r\n250 ok\r\n354 go ahead\r\n" \
         b"250 ok 1795311213 qp 4242\r\n"
@@ -209,14 +209,14 @@ def test_starttls_discards_pipelined_input_and_resets_helo():
 
 
 def test_client_cert_relaying_in_tls():
-    cfg = config(tls=True)
-    tls = (None, (True, b"TLS_X"), (b"joe@example.com", None))
-    r = run(b"STARTTLS\r\n", cfg=cfg, tls=tls)
+    cfg = config(tls=True, tls_clients=frozenset({b"joe@example.com"}))
+    tls = dict(tls_ready=rq.TLSReady(client_certs=True), handshake=rq.Secured(b"TLS_X"),
+               certificate=rq.PeerCertificate((b"joe@example.com",)))
     r = run([b"STARTTLS\r\n", b"MAIL FROM:<a@b.c>\r\nRCPT TO:<x@other.org>\r\nDATA\r\n.\r\n"],
-            cfg=cfg, tls=tls)
+            cfg=cfg, **tls)
     assert r.queued[0][0].split(b";")[0].endswith(b"ESMTPS (TLS_X encrypted)\n  (cert joe@example.com)")
-    tls = (None, (True, b"TLS_X"), (None, b"contains no email address"))
-    r = run([b"STARTTLS\r\n", b"MAIL FROM:<a@b.c>\r\nRCPT TO:<x@other.org>\r\n"], cfg=cfg, tls=tls)
+    tls["certificate"] = rq.PeerCertificate(())
+    r = run([b"STARTTLS\r\n", b"MAIL FROM:<a@b.c>\r\nRCPT TO:<x@other.org>\r\n"], cfg=cfg, **tls)
     assert r.output.endswith(b"553 sorry, that domain isn't in my list of allowed rcpthosts; "
                              b"no valid cert for gatewaying: contains no email address (#5.7.1)\r\n")
 
@@ -246,14 +246,14 @@ def test_fuzz_the_core_never_crashes_and_replies_in_lines(parts, flavour):
            "spp": spp_config(c=[b"p"], h=[b"p"], m=[b"p"], r=[b"p"], d=[b"p"]),
            "tls": config(tls=True)}[flavour]
     r = run(b"".join(parts), cfg=cfg, plugins={b"p": (b"HX: y\nLD451 no\nP250-p\n", 0)},
-            checkpassword=joe, tls=(None, (True, b"T"), (None, None)))
+            checkpassword=joe, handshake=rq.Secured(b"T"))
     assert r.exit in (0, 1)
     assert r.output.endswith(b"\r\n")
     assert all(line[:3].isdigit() for line in r.output.split(b"\r\n")[:-1])
 
 
 def test_spp_headers_and_deferred_errors_are_bounded():
-    from qmail_smtpd_py.spp import MAX_TEXT
+    from qmail_smtpd_py.core.spp import MAX_TEXT
     flood = b"HX-Flood: " + b"y" * 990 + b"\n"
     plugins = {b"p/r": (flood * 200 + b"LD451 " + b"z" * 200000 + b"\n", 0)}
     r = run(MSG, cfg=spp_config(r=[b"p/r"]), plugins=plugins)
@@ -265,24 +265,20 @@ def test_spp_headers_and_deferred_errors_are_bounded():
 def test_driver_answers_out_of_memory_with_qmails_421(monkeypatch):
     """spec §1: out of memory anywhere -> 421 out of memory (#4.3.0), exit 1."""
     import os
-    from qmail_smtpd_py import effects, server
+    from qmail_smtpd_py import driver
 
-    class Session:
-        out = bytearray(b"220 x ESMTP\r\n")
-        remoteip = b"127.0.0.1"
-        log_level = 1
-
-        def run(self):
-            yield effects.NOW
+    def steps():
+        yield rq.Send(b"220 x ESMTP\r\n")
+        yield rq.NOW
 
     def exhausted(driver, request):
         raise MemoryError()
 
-    monkeypatch.setitem(server.Driver._HANDLERS, effects.Now, exhausted)
+    monkeypatch.setitem(driver.Driver._HANDLERS, rq.Now, exhausted)
     r_in, w_in = os.pipe()
     r_out, w_out = os.pipe()
     try:
-        status = server.Driver(Session(), 5, infd=r_in, outfd=w_out).run()
+        status = driver.Driver(5, "1 127.0.0.1 ", infd=r_in, outfd=w_out).run(steps())
         assert status == 1
         assert os.read(r_out, 4096) == b"220 x ESMTP\r\n421 out of memory (#4.3.0)\r\n"
     finally:

@@ -24,7 +24,7 @@ import pytest
 
 from blast_oracle import blast
 from helpers import norm, run_smtp
-from transcript import run
+from world import run
 
 GREETING = b"220 mx.example.org ESMTP\r\n"
 OK = b"250 ok\r\n"

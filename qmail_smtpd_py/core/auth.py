@@ -3,39 +3,15 @@
 Pure functions: the SMTPAUTH modes, the patch's lenient base64, splitting
 the client's answers into user and secret, and the MAIL parameters (SIZE=,
 AUTH=) the patch parses.  The dialogue itself lives in session.py (it reads
-lines), checkpassword runs in the driver.  Spec: qmail-smtpd.md §6.1.
+lines), its replies in replies.py; checkpassword is a request.  Spec:
+qmail-smtpd.md §6.1.
 """
 
 # SMTPAUTH modes, numbered as in the patch (> 10 means AUTH is required).
 DISABLED, LOGIN_PLAIN, CRAM, ALL = 0, 1, 2, 3
 REQUIRED_LOGIN_PLAIN, REQUIRED_CRAM, REQUIRED_ALL = 11, 12, 13
 
-EHLO_LINES = {
-    LOGIN_PLAIN: b"AUTH LOGIN PLAIN", REQUIRED_LOGIN_PLAIN: b"AUTH LOGIN PLAIN",
-    CRAM: b"AUTH CRAM-MD5", REQUIRED_CRAM: b"AUTH CRAM-MD5",
-    ALL: b"AUTH LOGIN PLAIN CRAM-MD5", REQUIRED_ALL: b"AUTH LOGIN PLAIN CRAM-MD5",
-}
 FAIL_DELAY = 5  # seconds before 535, to slow down password guessing
-
-LOGIN_USER_PROMPT = b"334 VXNlcm5hbWU6\r\n"      # "Username:"
-LOGIN_PASSWORD_PROMPT = b"334 UGFzc3dvcmQ6\r\n"  # "Password:"
-PLAIN_PROMPT = b"334 \r\n"
-
-NOT_AVAILABLE = b"503 auth not available (#5.3.3)\r\n"
-ALREADY = b"503 you're already authenticated (#5.5.0)\r\n"
-DURING_MAIL = b"503 no auth during mail transaction (#5.5.0)\r\n"
-UNIMPLEMENTED = b"504 auth type unimplemented (#5.5.1)\r\n"
-CANCELED = b"501 auth exchange canceled (#5.0.0)\r\n"
-MALFORMED = b"501 malformed auth input (#5.5.4)\r\n"
-OK = b"235 ok, go ahead (#2.0.0)\r\n"
-FAILED = b"535 authentication failed (#5.7.1)\r\n"
-REQUIRED = b"530 Authorization required (#5.7.1) \r\n"  # sic: space before CR LF
-CHILD_FAILURES = {
-    "child": b"454 oops, problem with child and I can't auth (#4.3.0)\r\n",
-    "fork": b"454 oops, child won't start and I can't auth (#4.3.0)\r\n",
-    "pipe": b"454 oops, unable to open pipe and I can't auth (#4.3.0)\r\n",
-    "write": b"454 oops, unable to write pipe and I can't auth (#4.3.0)\r\n",
-}
 
 
 def parse_mode(value):
@@ -53,6 +29,18 @@ def parse_mode(value):
         if value.startswith(prefix):
             mode = prefixed_mode
     return mode
+
+
+def is_required(mode):
+    """The `!` modes: no MAIL before a successful AUTH."""
+    return mode > 10
+
+
+def is_cancel(line):
+    """A response line that cancels the exchange: `*` (compared as the C
+    string it is in the patch, so what follows a NUL does not count)."""
+    nul = line.find(b"\0")
+    return (line if nul < 0 else line[:nul]) == b"*"
 
 
 def sends_challenge(mode):
@@ -138,7 +126,8 @@ def mail_parameters(arg, databytes):
             size = int(digits[:n]) if n else 0
             if databytes and size > databytes:
                 return True, auth_value
-        elif keyword == b"AUTH=":
+        elif keyword == b"AUTH=" and auth_value is None:
+            # The patch sets the remote info from the first AUTH= only.
             auth_value = xtext_user(token[5:])
     return False, auth_value
 

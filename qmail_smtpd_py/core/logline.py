@@ -40,6 +40,11 @@ def word(raw):
     return raw.decode("latin-1").translate(_LOG_ESCAPES)
 
 
+def connection_prefix(connection_id, env):
+    """The start of each of a connection's log lines: "<id> <client ip> "."""
+    return "%d %s " % (connection_id, word(env.get(b"TCPREMOTEIP", b"unknown")))
+
+
 def words(line):
     """A line of client or server text for the log: each space-separated
     part escaped as one word."""

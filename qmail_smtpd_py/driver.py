@@ -1,0 +1,333 @@
+"""The driver: carries out a session's requests on fd 0/1.
+
+It owns everything the core may not touch: the file descriptors and their
+timeouts, the child processes, TLS, the clock, the host's IP addresses, the
+log.  It is mechanical: one handler per request type, each doing what the
+request says and answering with the outcome (core/requests.py); what an
+outcome means for the client is decided by the core.
+
+run_connection() is the per-connection entry point, for tcpserver and for
+each session of the resident mode.
+"""
+
+import os
+import select
+import time
+
+from .children import PluginProcess, QueueProcess, check_password, run_program
+from .core import requests as rq
+from .core.logline import connection_prefix
+from .core.session import Session, cannot_start, fault
+
+READ_SIZE = 1 << 16
+_COERCED_LOCALES = (b"C.UTF-8", b"C.utf8", b"UTF-8")  # PEP 538's targets
+
+
+class _Done(Exception):
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
+def log(text):
+    """One line on stderr, prefixed with our pid (multilog adds the time);
+    a connection's lines go through Driver.log, which adds its prefix."""
+    write_quietly(2, ("%d %s\n" % (os.getpid(), text)).encode("utf-8", "backslashreplace"))
+
+
+class Driver:
+    """Runs one session's requests.  timeout: seconds for each read and
+    write; log_prefix: what starts each log line of this connection;
+    morercpthosts: the open control/morercpthosts.cdb, or None."""
+
+    def __init__(self, timeout, log_prefix, infd=0, outfd=1, morercpthosts=None):
+        self.timeout_ms = min(timeout * 1000, 0x7FFFFFFF)  # poll() takes a C int
+        self.log_prefix = log_prefix
+        self.infd = infd
+        self.outfd = outfd
+        self.morercpthosts = morercpthosts
+        self.queue = None
+        self.plugin = None
+        self.tls_context = None
+        self.tls = None  # a tls.TLSConnection once the handshake is done
+        self._local_ips = None
+        self._in_poll = select.poll()
+        self._in_poll.register(infd, select.POLLIN)
+        self._out_poll = select.poll()
+        self._out_poll.register(outfd, select.POLLOUT)
+        # A client that stops reading must not block us past the timeout.
+        os.set_blocking(outfd, False)
+
+    def run(self, steps):
+        """Carry out the requests of steps (a session generator) to its Exit;
+        returns the exit status."""
+        handlers = self._HANDLERS
+        outcome = None
+        try:
+            while True:
+                request = steps.send(outcome)
+                outcome = handlers[type(request)](self, request)
+        except _Done as done:
+            return done.code
+        except Exception as e:  # a bug: one log line and the core's reply, never a traceback
+            reply, text = fault(e)
+            self.log(text)
+            try:
+                self._send(reply)
+            except Exception:  # _Done, or a TLS layer in trouble: nothing more to say
+                pass
+            return 1
+        finally:
+            if self.queue is not None:
+                self.queue.close()  # no envelope: qmail-queue discards the message
+            if self.plugin is not None:
+                self.plugin.finish()
+
+    def log(self, text):
+        write_quietly(2, (self.log_prefix + text + "\n").encode("utf-8", "backslashreplace"))
+
+    # ------------------------------------------------------------ client I/O
+
+    def _send(self, data):
+        if self.tls is not None:
+            data = self.tls.encrypt(data)
+        self._write_raw(data)
+
+    def _write_raw(self, data):
+        data = memoryview(data)
+        while data:
+            try:
+                data = data[os.write(self.outfd, data):]
+                continue
+            except BlockingIOError:
+                pass
+            if not self._out_poll.poll(self.timeout_ms):
+                raise TimeoutError("write timed out")
+
+    def _read_raw(self):
+        """Bytes from the client, b"" at EOF, None after the timeout."""
+        while True:
+            if not self._in_poll.poll(self.timeout_ms):
+                return None
+            try:
+                return os.read(self.infd, READ_SIZE)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return b""
+
+    def read(self, request):
+        if self.tls is not None:
+            try:  # TLS may have to write while it reads
+                data = self.tls.read(self._read_raw, self._write_raw, READ_SIZE)
+            except OSError:
+                return rq.END_OF_INPUT
+        else:
+            data = self._read_raw()
+        if data is None:
+            return rq.TIMED_OUT
+        return data or rq.END_OF_INPUT
+
+    def send(self, request):
+        try:
+            self._send(request.data)
+        except OSError:  # a write error, or the write timeout: the client is gone
+            return rq.SEND_FAILED
+        return rq.SENT
+
+    def exit(self, request):
+        if self.tls is not None:
+            try:
+                self._write_raw(self.tls.close_notify())
+            except OSError:
+                pass
+        raise _Done(request.code)
+
+    # ------------------------------------------------------------ facts
+
+    def now(self, request):
+        return time.time()
+
+    def local_ips(self, request):
+        if self._local_ips is None:
+            from .ipme import local_ipv4_addresses  # only sessions that meet user@[ip]
+            try:
+                self._local_ips = local_ipv4_addresses()
+            except OSError as e:
+                return rq.Failed(str(e))
+        return self._local_ips
+
+    def more_rcpthosts(self, request):
+        from .cdb import CdbError
+        try:
+            return any(key in self.morercpthosts for key in request.keys)
+        except CdbError as e:
+            return rq.Failed(str(e))
+
+    def write_log(self, request):
+        self.log(request.text)
+
+    def sleep(self, request):
+        time.sleep(request.seconds)
+
+    # ------------------------------------------------------------ children
+
+    def start_queue(self, request):
+        self.queue, outcome = QueueProcess.start(request.program, request.env)
+        return outcome
+
+    def write_queue(self, request):
+        return self.queue.write(request.data)
+
+    def finish_queue(self, request):
+        queue, self.queue = self.queue, None
+        return queue.finish(request.envelope)
+
+    def start_plugin(self, request):
+        self.plugin, outcome = PluginProcess.start(request.argv, request.env,
+                                                   request.time_limit)
+        return outcome
+
+    def read_plugin(self, request):
+        return self.plugin.read_lines()
+
+    def finish_plugin(self, request):
+        plugin, self.plugin = self.plugin, None
+        return plugin.finish()
+
+    def run_program(self, request):
+        return run_program(request.path, request.env, request.time_limit)
+
+    def check_password(self, request):
+        return check_password(request.argv, request.data, request.env)
+
+    # ------------------------------------------------------------ TLS
+
+    def start_tls(self, request):
+        from .tls import make_context
+        self.tls_context, outcome = make_context(request.ciphers, request.client_ca)
+        return outcome
+
+    def handshake(self, request):
+        from .tls import TLSConnection
+        connection = TLSConnection(self.tls_context)
+        outcome = connection.handshake(self._read_raw, self._write_raw)
+        if type(outcome) is rq.Secured:
+            self.tls = connection
+        return outcome
+
+    def client_certificate(self, request):
+        return self.tls.client_certificate()
+
+    _HANDLERS = {
+        rq.Read: read, rq.Send: send, rq.Log: write_log, rq.Exit: exit, rq.Now: now,
+        rq.LocalIPs: local_ips, rq.MoreRcptHosts: more_rcpthosts, rq.Sleep: sleep,
+        rq.StartQueue: start_queue, rq.WriteQueue: write_queue, rq.FinishQueue: finish_queue,
+        rq.StartPlugin: start_plugin, rq.ReadPlugin: read_plugin,
+        rq.FinishPlugin: finish_plugin, rq.RunProgram: run_program,
+        rq.CheckPassword: check_password, rq.StartTLS: start_tls, rq.Handshake: handshake,
+        rq.ClientCertificate: client_certificate,
+    }
+
+
+def run_connection(args=(), qmail_home=None, environ=None, pid=None):
+    """Serve the SMTP connection on fd 0/1 (the tcpserver way, and each
+    session of the resident mode); returns the exit status."""
+    from .control import ControlError, load
+
+    reset_signals()
+    if environ is None:
+        environ = started_environment(os.environb)
+    if b"TCPREMOTEIP" not in environ:  # not under tcpserver: systemd, inetd, ...
+        environ = peer_environment(environ)
+    env = dict(environ)
+    if pid is None:
+        pid = os.getpid()
+    if qmail_home is None:
+        qmail_home = env.get(b"QMAILHOME", b"/var/qmail")
+    prefix = connection_prefix(pid, env)
+    try:
+        os.chdir(qmail_home)
+        config, morercpthosts = load(env, args)
+    except (OSError, ControlError) as e:
+        return Driver(1200, prefix).run(cannot_start(str(e)))
+    session = Session(config, env, pid=pid)
+    return Driver(config.timeout, prefix, morercpthosts=morercpthosts).run(session.run())
+
+
+def reset_signals():
+    """SIGCHLD back at its default: a parent that ignored it (swaks --pipe,
+    some inetd-style launchers) would make every wait for a child fail.
+    _signal is built in; the signal module costs an import (enum)."""
+    import _signal
+    _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
+    _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
+
+
+def started_environment(environ):
+    """The environment as this process was started with.  Python's C-locale
+    coercion (PEP 538) puts LC_CTYPE=C.UTF-8 into it when the locale is C or
+    unset, and children must get what qmail-smtpd would give them; the
+    kernel keeps the original in /proc/self/environ."""
+    coerced = environ.get(b"LC_CTYPE")
+    if coerced not in _COERCED_LOCALES:
+        return environ
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            original = f.read().split(b"\0")
+    except OSError:
+        return environ
+    if b"LC_CTYPE=" + coerced in original:
+        return environ
+    environ = dict(environ)
+    for entry in original:  # an LC_CTYPE=C that was coerced
+        if entry.startswith(b"LC_CTYPE="):
+            environ[b"LC_CTYPE"] = entry[9:]
+            break
+    else:
+        del environ[b"LC_CTYPE"]
+    return environ
+
+
+def peer_environment(environ, fd=0):
+    """tcpserver's TCP variables from systemd's REMOTE_ADDR/REMOTE_PORT
+    (Accept=yes sockets) or, for inetd-style launchers, from the socket on
+    fd itself.  On a pipe nothing is added (the variables stay unknown)."""
+    env = dict(environ)
+    if b"REMOTE_ADDR" in env:
+        env[b"TCPREMOTEIP"] = unmapped(env[b"REMOTE_ADDR"])
+        if b"REMOTE_PORT" in env:
+            env[b"TCPREMOTEPORT"] = env[b"REMOTE_PORT"]
+        return env
+    import socket
+    copy = os.dup(fd)  # the socket object owns and closes the copy, not fd
+    try:
+        sock = socket.socket(fileno=copy)
+    except OSError:  # not a socket
+        os.close(copy)
+        return env
+    with sock:
+        try:
+            remote, local = sock.getpeername(), sock.getsockname()
+        except OSError:
+            return env
+    if not isinstance(remote, tuple):  # e.g. a Unix socket: no addresses
+        return env
+    env[b"PROTO"] = b"TCP"
+    env[b"TCPREMOTEIP"] = unmapped(remote[0].encode())
+    env[b"TCPREMOTEPORT"] = b"%d" % remote[1]
+    env.setdefault(b"TCPLOCALIP", unmapped(local[0].encode()))
+    env.setdefault(b"TCPLOCALPORT", b"%d" % local[1])
+    return env
+
+
+def unmapped(ip):
+    """::ffff:192.0.2.1 (an IPv4 client on an IPv6 socket) -> 192.0.2.1."""
+    return ip[7:] if ip.startswith(b"::ffff:") and b"." in ip else ip
+
+
+def write_quietly(fd, data):
+    try:
+        os.write(fd, data)
+    except OSError:
+        pass
