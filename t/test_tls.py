@@ -790,3 +790,69 @@ def test_tlsrequired_mail_only_after_starttls(tcpservers, tls_home, certs):
         assert s.sendmail("a@b.c", ["u@example.com"], b"Subject: req\r\n\r\nx\r\n") == {}
     (msg,) = tls_home.queued()
     assert norm(msg.received) == received(esmtps(cipher), b"client.test")
+
+
+# ------------------------------------------------------------------ the transport in-process
+
+
+def memory_handshake(server_context, client_ctx):
+    """A TLSConnection (the server side, as the driver runs it) against a client
+    SSLObject, over memory: (server outcome, client SSLObject)."""
+    from qmail_smtpd_py.tls import TLSConnection
+    to_client, to_server = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = client_ctx.wrap_bio(to_client, to_server, server_hostname="mx.test")
+    server = TLSConnection(server_context)
+
+    def read_raw():  # the client's turn, then what it wrote
+        try:
+            client.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        return to_server.read() or b""
+
+    outcome = server.handshake(read_raw, to_client.write)
+    client.do_handshake()
+    return outcome, server, client
+
+
+def test_client_certificates_without_ctypes_access_fail_soft(cert_home, certs, monkeypatch):
+    """If the SSL_CTX behind an SSLContext cannot be reached on some CPython,
+    STARTTLS still works: no relaying by certificate, and one warning."""
+    from qmail_smtpd_py import tls
+    from qmail_smtpd_py.core import requests as rq
+
+    def unreachable(*args):
+        raise ssl.SSLError("cannot reach the SSL_CTX of the ssl module")
+
+    monkeypatch.setattr(tls, "_ssl_ctx", unreachable)
+    monkeypatch.chdir(cert_home.path)
+    context, ready = tls.make_context(None, True)
+    assert type(ready) is rq.TLSReady and ready.client_certs is False
+    assert len(ready.warnings) == 1 and "client certificates not available" in ready.warnings[0]
+    outcome, server, _ = memory_handshake(context, client_context(certs, cert=certs.joe))
+    assert type(outcome) is rq.Secured
+    assert server.client_certificate() == rq.NO_CERTIFICATE
+
+
+def test_client_certificate_is_read_in_process(cert_home, certs, monkeypatch):
+    from qmail_smtpd_py import tls
+    from qmail_smtpd_py.core import requests as rq
+    monkeypatch.chdir(cert_home.path)
+    context, ready = tls.make_context(None, True)
+    assert ready == rq.TLSReady(True, ())
+    outcome, server, _ = memory_handshake(context, client_context(certs, cert=certs.joe))
+    assert type(outcome) is rq.Secured
+    assert server.client_certificate() == rq.PeerCertificate((JOE.encode(),), None)
+    _, server, _ = memory_handshake(context, client_context(certs, cert=certs.rogue))
+    certificate = server.client_certificate()
+    assert certificate.emails == (JOE.encode(),) and certificate.verify_error  # not our CA
+
+
+def test_tls_warning_is_logged_once_and_starttls_goes_on():
+    from qmail_smtpd_py.core import requests as rq
+    from world import config, run
+    r = run([b"STARTTLS\r\n", b"QUIT\r\n"], cfg=config(tls=True, tls_clients=frozenset({b"j@x"})),
+            tls_ready=rq.TLSReady(False, ("client certificates not available: x",)))
+    assert r.log.count("TLS: client certificates not available: x") == 1
+    assert r.output.endswith(b"220 ready for tls\r\n221 mx.example.org\r\n")
+    assert not any(type(q) is rq.ClientCertificate for q in r.requests)
