@@ -1,4 +1,4 @@
-# qmail-smtpd-py: make run | make test | make bench | make install | make clean
+# qmail-smtpd-py: make run | make test | make lint | make bench | make install | make clean
 #
 # Everything runs from a local virtualenv (.venv) with the package installed
 # non-editable, so the tests exercise exactly what `pip install .` ships.
@@ -12,12 +12,15 @@ CONFORMANCE_JOBS ?= 2
 HOST ?= 127.0.0.1
 PORT ?= 2525
 RUNDIR ?= run
+# pytest workers (pytest-xdist): many tests wait on processes and sockets, so
+# more workers than the 2 cores pay off.
+TEST_JOBS ?= 4
 
 STAMP := $(VENV)/.installed
-SOURCES := setup.cfg pyproject.toml $(wildcard qmail_smtpd_py/*.py qmail_smtpd_py/*/*.py) $(wildcard bin/*) $(wildcard plugins/*)
+SOURCES := pyproject.toml $(wildcard qmail_smtpd_py/*.py qmail_smtpd_py/*/*.py) $(wildcard bin/*) $(wildcard plugins/*)
 BIN := $(CURDIR)/$(VENV)/bin
 
-.PHONY: all venv .venv run tcpserver test pytest conformance bench clean fuzz install
+.PHONY: all venv .venv run tcpserver test pytest conformance lint coverage bench clean fuzz install
 
 all: test
 
@@ -32,7 +35,7 @@ $(STAMP): $(SOURCES)
 	  echo "make: '$(PYTHON) -m venv' failed; on Debian: apt-get install python3-venv" >&2; \
 	  exit 1; }
 	rm -rf build
-	$(VENV)/bin/python -m pip install --quiet '.[test]'
+	$(VENV)/bin/python -m pip install --quiet '.[test,lint]'
 	rm -rf build
 	@touch $@
 
@@ -61,12 +64,27 @@ run: $(STAMP) tcpserver
 # Both suites always run; make test fails if either does.
 test: $(STAMP)
 	@status=0; \
-	$(VENV)/bin/python -m pytest -q t || status=1; \
+	$(VENV)/bin/python -m pytest -q -n $(TEST_JOBS) t || status=1; \
 	$(MAKE) --no-print-directory conformance || status=1; \
 	exit $$status
 
 pytest: $(STAMP)
-	$(VENV)/bin/python -m pytest -q t
+	$(VENV)/bin/python -m pytest -q -n $(TEST_JOBS) t
+
+# ruff (configured in pyproject.toml) over the package, scripts, tests and benches.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+# Line coverage of the package by the whole suite, the server processes the
+# tests start included (coverage's .pth hook starts it in every Python
+# process that sees COVERAGE_PROCESS_START).
+coverage: $(STAMP)
+	rm -f .coverage .coverage.*
+	COVERAGE_PROCESS_START=$(CURDIR)/setup.cfg COVERAGE_FILE=$(CURDIR)/.coverage \
+	  $(VENV)/bin/python -m coverage run -m pytest -q -n $(TEST_JOBS) t || true
+	$(VENV)/bin/python -m coverage combine -q
+	$(VENV)/bin/python -m coverage report --include='*/qmail_smtpd_py/core/*'
+	$(VENV)/bin/python -m coverage report | tail -1
 
 conformance: $(STAMP)
 	@if [ -z "$(CONFORMANCE_AREAS)" ]; then \
@@ -86,7 +104,7 @@ bench: $(STAMP)
 	done
 
 clean:
-	rm -rf $(VENV) build *.egg-info $(RUNDIR) .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info $(RUNDIR) .pytest_cache .hypothesis .coverage .coverage.*
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
 
 # Fuzz the session core in-process for FUZZ_SECONDS (random sessions across plain, spp,

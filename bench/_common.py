@@ -83,7 +83,7 @@ def start_server(mode, env, local_name, program=SERVER, log=None):
     else:
         cmd = ["tcpserver", "-H", "-R", "-l", local_name, "-c", "40", "127.0.0.1", str(port),
                program]
-    out = open(log, "wb") if log else subprocess.DEVNULL
+    out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (kept by the server)
     try:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                                 start_new_session=True)

@@ -270,12 +270,13 @@ def message_lines(mid, sender, rcpts, seed, size):
 
 def wire(lines):
     """The DATA payload as sent: CRLF lines, dot-stuffed (no terminating dot)."""
-    return b"".join((b"." + l if l.startswith(b".") else l) + b"\r\n" for l in lines)
+    return b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n"
+                    for line in lines)
 
 
 def queued(lines):
     """The message as the server should hand it to the queue (after its Received:)."""
-    return b"".join(l + b"\n" for l in lines)
+    return b"".join(line + b"\n" for line in lines)
 
 
 def strip_received(msg):

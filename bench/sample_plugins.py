@@ -23,6 +23,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "t"))
 from _common import SERVER  # noqa: E402
+
 from dnsserver import DNSServer  # noqa: E402
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 50

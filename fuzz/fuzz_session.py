@@ -44,6 +44,7 @@ from qmail_smtpd_py.core import requests as rq  # noqa: E402
 from qmail_smtpd_py.core.auth import parse_mode  # noqa: E402
 from qmail_smtpd_py.core.config import Config  # noqa: E402
 from qmail_smtpd_py.core.session import Session  # noqa: E402
+
 from world import BASE_ENV, FIXED_TIME, QP, World  # noqa: E402
 
 ACCEPT = b"250 ok %d qp %d" % (int(FIXED_TIME), QP)

@@ -14,8 +14,19 @@ import select
 import time
 
 from .core.requests import (
-    EXEC, FORK, PIPE, CannotStart, Exited, Lines, Signaled, Started, TimedOut, WaitFailed,
-    END_OF_INPUT, TIMED_OUT, WRITE_FAILED, WRITTEN,
+    END_OF_INPUT,
+    EXEC,
+    FORK,
+    PIPE,
+    TIMED_OUT,
+    WRITE_FAILED,
+    WRITTEN,
+    CannotStart,
+    Exited,
+    Lines,
+    Signaled,
+    Started,
+    WaitFailed,
 )
 
 READ_SIZE = 1 << 16

@@ -25,12 +25,11 @@ import sys
 
 import click
 
-from . import driver as server
-from .cdb import Cdb, CdbError
-
 # Everything a session may need, imported once in the parent (the children
 # inherit it with the fork instead of importing it again).
 from . import children, control, tls  # noqa: F401
+from . import driver as server
+from .cdb import Cdb, CdbError
 from .core import auth, extfork, queue, session, spp  # noqa: F401
 
 SD_LISTEN_FDS_START = 3

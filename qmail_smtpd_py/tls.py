@@ -19,8 +19,18 @@ import os
 import ssl
 
 from .core.requests import (
-    NO_CERTIFICATE, TLS_CERTIFICATE, TLS_CLOSED, TLS_CONTEXT, TLS_ERROR, TLS_KEY, TLS_TIMEOUT,
-    HandshakeFailed, PeerCertificate, Secured, TLSReady, TLSSetupFailed,
+    NO_CERTIFICATE,
+    TLS_CERTIFICATE,
+    TLS_CLOSED,
+    TLS_CONTEXT,
+    TLS_ERROR,
+    TLS_KEY,
+    TLS_TIMEOUT,
+    HandshakeFailed,
+    PeerCertificate,
+    Secured,
+    TLSReady,
+    TLSSetupFailed,
 )
 
 SERVERCERT = "control/servercert.pem"
@@ -91,8 +101,8 @@ def _ask_for_client_certificates(context, warnings):
 
 def _libssl():
     """The libssl the ssl module is linked with, for the few calls it lacks."""
-    import ctypes
     import _ssl
+    import ctypes
     return ctypes, ctypes.CDLL(_ssl.__file__)
 
 

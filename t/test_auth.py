@@ -29,7 +29,15 @@ import time
 import pytest
 
 from helpers import (
-    EnvQueue, Home, SERVER, norm, require_server, require_tools, run_smtp, script, server_env,
+    SERVER,
+    EnvQueue,
+    Home,
+    norm,
+    require_server,
+    require_tools,
+    run_smtp,
+    script,
+    server_env,
 )
 
 

@@ -1,9 +1,10 @@
 """The bulk DATA reader against a literal transcription of qmail's blast()."""
 
-from hypothesis import example, given, settings, strategies as st
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from qmail_smtpd_py.core import data
-from qmail_smtpd_py.core.data import Blast, BareLF
+from qmail_smtpd_py.core.data import BareLF, Blast
 
 from blast_oracle import blast
 

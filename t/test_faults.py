@@ -33,9 +33,18 @@ import pytest
 
 import helpers
 from helpers import (
-    ACC, BYE, GO, GREETING, HELO250, OK, crlf, make_cdb, norm, run_smtp, server_env,
+    ACC,
+    BYE,
+    GO,
+    GREETING,
+    HELO250,
+    OK,
+    crlf,
+    make_cdb,
+    norm,
+    run_smtp,
+    server_env,
 )
-
 
 WANT_RCPT = b"503 RCPT first (#5.5.1)\r\n"
 CONTROLS = b"421 unable to read controls (#4.3.0)\r\n"

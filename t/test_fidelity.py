@@ -9,12 +9,24 @@ import subprocess
 
 import pytest
 
-from helpers import (
-    ACC, BYE, GO, GREETING, OK, EnvQueue, crlf, norm, require_tools, run_smtp, script,
-    server_env, SERVER,
-)
 from qmail_smtpd_py.control import first_line, parse_lines
 from qmail_smtpd_py.core import requests as rq
+
+from helpers import (
+    ACC,
+    BYE,
+    GO,
+    GREETING,
+    OK,
+    SERVER,
+    EnvQueue,
+    crlf,
+    norm,
+    require_tools,
+    run_smtp,
+    script,
+    server_env,
+)
 from world import config, run
 
 MESSAGE = crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<u@example.com>", b"DATA", b"Subject: t", b"",

@@ -10,8 +10,9 @@ import subprocess
 
 import pytest
 
-from helpers import GREETING, OK, crlf, script, server_env, SERVER
 from qmail_smtpd_py.core import requests as rq
+
+from helpers import GREETING, OK, SERVER, crlf, script, server_env
 from world import BASE_ENV, config, run
 
 EXTFORK = {**BASE_ENV, b"SMTPEXTFORK": b"/slow"}
@@ -100,14 +101,25 @@ def test_real_process_sends_the_noop_reply_while_the_program_still_runs(home, tm
             ready, _, _ = select.select([p.stdout], [], [], 20)
             assert ready, "no NOOP reply while the program runs: got %r" % seen
             seen += os.read(p.stdout.fileno(), 4096)
-        with open(gate, "w") as f:  # let the program end
-            f.write("go\n")
+        release(gate)
         p.stdin.write(crlf(b"QUIT"))
         p.stdin.close()
         rest = p.stdout.read()
         assert seen + rest == GREETING + OK + OK + OK + b"221 mx.example.org\r\n"
     finally:
-        if p.poll() is None:
-            with open(gate, "w") as f:
-                f.write("go\n")
+        p.kill()
         p.wait(timeout=30)
+
+
+def release(gate, seconds=30):
+    """Let the program waiting on the FIFO end (it may not have opened it yet)."""
+    for _ in range(seconds * 10):
+        try:
+            fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
+        except OSError:  # ENXIO: no reader yet
+            select.select([], [], [], 0.1)
+            continue
+        os.write(fd, b"go\n")
+        os.close(fd)
+        return
+    raise AssertionError("the SMTPEXTFORK program never waited on %s" % gate)

@@ -20,9 +20,9 @@ import base64
 import os
 
 import pytest
+from test_auth import CheckPw
 
 from helpers import ACC, BYE, GO, GREETING, HELO250, OK, crlf, norm, run_smtp
-from test_auth import CheckPw
 
 UNIMPL = b"502 unimplemented (#5.5.1)\r\n"
 AUTH_OK = b"235 ok, go ahead (#2.0.0)\r\n"

@@ -8,9 +8,9 @@ import re
 import subprocess
 
 import pytest
+from test_auth import CheckPw, auth, b64, cram_digest
 
 from helpers import SERVER, crlf, require_tools, run_smtp, script, server_env
-from test_auth import CheckPw, auth, b64, cram_digest
 
 RE_QP = re.compile(rb"250 ok \d+ qp (\d+)")
 

@@ -16,7 +16,6 @@ import pytest
 
 from helpers import ACC, BYE, FLUSHED, GO, GREETING, HELO250, OK, crlf, norm, run_smtp
 
-
 NOGATEWAY = b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)\r\n"
 RECEIVED = (b"Received: from unknown (HELO c.test) (127.0.0.1)\n"
             b"  by mx.test with SMTP; <DATE>\n")

@@ -14,7 +14,6 @@ import pytest
 from helpers import SERVER, norm, require_server
 
 
-
 def plugin_test(*args, cwd, stdin=None, env=None, timeout=60):
     """Run `qmail-smtpd-py plugin-test ARGS`; (exit status, stdout lines, stderr)."""
     require_server()

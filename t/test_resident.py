@@ -25,9 +25,9 @@ import subprocess
 import sys
 
 import pytest
+from test_tcpserver import tcprules
 
 from helpers import SERVER, EnvQueue, TcpServer, children_of, require_server
-from test_tcpserver import tcprules
 
 TIMEOUT = 20  # seconds a client waits for any reply
 GREETING = b"220 mx.example.org ESMTP\r\n"
@@ -66,7 +66,7 @@ class Client:
         self.sock.settimeout(seconds)
         try:
             chunk = self.sock.recv(65536)
-        except socket.timeout:
+        except TimeoutError:
             return True
         except ConnectionResetError:
             chunk = b""
@@ -470,7 +470,7 @@ def run_serve(*args, env=None, timeout=TIMEOUT):
     e.update(env or {})
     try:
         return subprocess.run([SERVER, "serve", *args], env=e, stdin=subprocess.DEVNULL,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+                              capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         pytest.fail("serve %s is still running after %ds (serving?): %r"
                     % (" ".join(args), timeout, e.stderr))

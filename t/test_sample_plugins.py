@@ -12,11 +12,21 @@ import re
 import subprocess
 
 import pytest
+from test_auth import LOGIN_JOE, PLAIN_JOE, CheckPw
 
 from helpers import (
-    ACC, BIN_DIR, BYE, GO, GREETING, HELO250, OK, crlf, norm, require_tools, run_smtp,
+    ACC,
+    BIN_DIR,
+    BYE,
+    GO,
+    GREETING,
+    HELO250,
+    OK,
+    crlf,
+    norm,
+    require_tools,
+    run_smtp,
 )
-from test_auth import LOGIN_JOE, PLAIN_JOE, CheckPw
 
 TARPIT = os.path.join(BIN_DIR, "tarpit")
 AUTHLOG = os.path.join(BIN_DIR, "authlog")

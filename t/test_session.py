@@ -1,6 +1,7 @@
 """The session core from byte transcripts: client bytes in, server bytes out."""
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qmail_smtpd_py.core import requests as rq
 
@@ -186,7 +187,9 @@ def test_auth_failure_pauses_then_535_and_never_logs_the_password():
 
 
 def test_cram_md5_challenge_and_fd3_with_challenge_field():
-    import base64, hashlib, hmac
+    import base64
+    import hashlib
+    import hmac
     r = run(b"AUTH CRAM-MD5\r\n*\r\n", cfg=auth_config(b"+cram"))
     challenge = base64.b64decode(r.output.split(b"334 ")[1].split(b"\r\n")[0])
     assert challenge == b"<77.1795311213@mx.test>"
@@ -265,6 +268,7 @@ def test_spp_headers_and_deferred_errors_are_bounded():
 def test_driver_answers_out_of_memory_with_qmails_421(monkeypatch):
     """spec §1: out of memory anywhere -> 421 out of memory (#4.3.0), exit 1."""
     import os
+
     from qmail_smtpd_py import driver
 
     def steps():

@@ -5,8 +5,9 @@ byte for byte, and the Received line says UTF8SMTP (RFC 6531 §3.7.3)."""
 import os
 import smtplib
 
-from helpers import crlf, run_smtp, script
 from test_auth import CheckPw, auth, b64
+
+from helpers import crlf, run_smtp, script
 
 SENDER = "jöran@bücher.example".encode()
 RCPT = "δοκιμή@example.com".encode()

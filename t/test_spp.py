@@ -14,12 +14,21 @@ me=mx.example.org and rcpthosts example.com and .sub.example.net.
 import os
 
 import pytest
-
-from helpers import (
-    ACC, BYE, EnvQueue, FLUSHED, GO, GREETING, HELO250, OK, crlf, norm, run_smtp,
-)
 from test_tcpserver import swaks
 
+from helpers import (
+    ACC,
+    BYE,
+    FLUSHED,
+    GO,
+    GREETING,
+    HELO250,
+    OK,
+    EnvQueue,
+    crlf,
+    norm,
+    run_smtp,
+)
 
 WANT_MAIL = b"503 MAIL first (#5.5.1)\r\n"
 WANT_RCPT = b"503 RCPT first (#5.5.1)\r\n"

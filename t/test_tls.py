@@ -283,7 +283,7 @@ def test_pipe_certificate_without_key_is_454(make_home, certs):
 
 def test_pipe_certificate_with_wrong_key_is_no_valid_rsa_private_key(make_home, certs):
     home = make_home(control={"servercert.pem": certs.read("server_crt")
-                              + open(certs.joe_key, "rb").read()})
+                              + certs.read("joe_key")})
     r = run_smtp(b"STARTTLS\r\n", home=home)
     assert re.fullmatch(GREETING + rb"454 TLS no valid RSA private key: [^\r\n]+ \(#4\.3\.0\)\r\n",
                         r.out), r.out
@@ -357,8 +357,8 @@ def test_openssl_s_client_starttls(tcpservers, tls_home, certs):
     p = subprocess.run(["openssl", "s_client", "-connect", "127.0.0.1:%d" % server.port,
                         "-starttls", "smtp", "-CAfile", certs.ca, "-verify_return_error",
                         "-verify_hostname", "mx.test", "-quiet", "-crlf"],
-                       input=b"EHLO s.client.test\nNOOP\nQUIT\n", stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, timeout=60)
+                       input=b"EHLO s.client.test\nNOOP\nQUIT\n", capture_output=True,
+                       timeout=60)
     # (s_client itself echoes the last line of the clear-text EHLO reply first.)
     assert (EHLO_PLAIN + b"250 ok\r\n221 mx.example.org\r\n") in p.stdout, (p.stdout, p.stderr)
     assert server.statuses(1) == [0]
@@ -850,6 +850,7 @@ def test_client_certificate_is_read_in_process(cert_home, certs, monkeypatch):
 
 def test_tls_warning_is_logged_once_and_starttls_goes_on():
     from qmail_smtpd_py.core import requests as rq
+
     from world import config, run
     r = run([b"STARTTLS\r\n", b"QUIT\r\n"], cfg=config(tls=True, tls_clients=frozenset({b"j@x"})),
             tls_ready=rq.TLSReady(False, ("client certificates not available: x",)))

@@ -5,10 +5,12 @@ works on char arrays: no syntax checking, no case folding of the address
 itself, only the few transformations qmail applies (spec §3.4-3.7).
 """
 
+from __future__ import annotations
+
 MAX_ADDRESS = 900  # an address of this many bytes or more is a syntax error
 
 
-def parse(arg):
+def parse(arg: bytes) -> bytes:
     """Extract the address from a MAIL/RCPT argument (qmail's addrparse).
 
     With a '<' the address runs from after the first '<' to an unquoted '>';
@@ -33,7 +35,7 @@ def parse(arg):
     return _parse_quoted(rest, terminator[0])
 
 
-def _parse_quoted(rest, terminator):
+def _parse_quoted(rest: bytes, terminator: int) -> bytes:
     out = bytearray()
     escaped = quoted = False
     for ch in rest:
@@ -51,7 +53,7 @@ def _parse_quoted(rest, terminator):
     return bytes(out)
 
 
-def bracketed_ip(addr):
+def bracketed_ip(addr: bytes) -> tuple[bytes, tuple[int, int, int, int]] | None:
     """If addr ends in '@[d.d.d.d]', return (text up to and including '@', ip tuple).
 
     Components are unbounded decimals truncated to 8 bits, as qmail's ip_scan
@@ -66,7 +68,7 @@ def bracketed_ip(addr):
     return addr[:at + 1], tuple(int(p) & 0xFF for p in parts)
 
 
-def in_badmailfrom(addr, badmailfrom):
+def in_badmailfrom(addr: bytes, badmailfrom: set[bytes]) -> bool:
     """True if the whole address, or its '@domain' part, is listed.
 
     badmailfrom is a set of lower-cased entries; the match is
@@ -79,7 +81,7 @@ def in_badmailfrom(addr, badmailfrom):
     return at >= 0 and addr[at:] in badmailfrom
 
 
-def domain_candidates(addr):
+def domain_candidates(addr: bytes) -> list[bytes] | None:
     """The keys rcpthosts is searched for: the lower-cased domain and every
     suffix of it that starts at a dot.  None if the address has no '@'."""
     at = addr.rfind(b"@")

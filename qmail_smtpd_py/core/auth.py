@@ -7,6 +7,8 @@ lines), its replies in replies.py; checkpassword is a request.  Spec:
 qmail-smtpd.md §6.1.
 """
 
+from __future__ import annotations
+
 # SMTPAUTH modes, numbered as in the patch (> 10 means AUTH is required).
 DISABLED, LOGIN_PLAIN, CRAM, ALL = 0, 1, 2, 3
 REQUIRED_LOGIN_PLAIN, REQUIRED_CRAM, REQUIRED_ALL = 11, 12, 13
@@ -14,7 +16,7 @@ REQUIRED_LOGIN_PLAIN, REQUIRED_CRAM, REQUIRED_ALL = 11, 12, 13
 FAIL_DELAY = 5  # seconds before 535, to slow down password guessing
 
 
-def parse_mode(value):
+def parse_mode(value: bytes | None) -> int:
     """The mode for an SMTPAUTH value (None: variable unset)."""
     if value is None:
         return DISABLED
@@ -31,19 +33,19 @@ def parse_mode(value):
     return mode
 
 
-def is_required(mode):
+def is_required(mode: int) -> bool:
     """The `!` modes: no MAIL before a successful AUTH."""
     return mode > 10
 
 
-def is_cancel(line):
+def is_cancel(line: bytes) -> bool:
     """A response line that cancels the exchange: `*` (compared as the C
     string it is in the patch, so what follows a NUL does not count)."""
     nul = line.find(b"\0")
     return (line if nul < 0 else line[:nul]) == b"*"
 
 
-def sends_challenge(mode):
+def sends_challenge(mode: int) -> bool:
     """With CRAM enabled the patch appends the challenge field on fd 3."""
     return mode in (CRAM, ALL, REQUIRED_CRAM, REQUIRED_ALL)
 
@@ -52,7 +54,7 @@ _B64_VALUES = {c: i for i, c in enumerate(
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")}
 
 
-def b64decode(text):
+def b64decode(text: bytes) -> bytes:
     """The patch's decoder: never fails.  Trailing '=' count as padding,
     only whole groups of four are decoded, bytes outside the alphabet add
     no bits.  For well-formed input it is standard base64."""
@@ -78,7 +80,7 @@ def b64decode(text):
     return bytes(out[:size])
 
 
-def b64encode(data):
+def b64encode(data: bytes) -> bytes:
     import binascii
     return binascii.b2a_base64(data, newline=False)
 
@@ -88,7 +90,7 @@ def _cstr(data):
     return data if nul < 0 else data[:nul]
 
 
-def plain_credentials(decoded):
+def plain_credentials(decoded: bytes) -> tuple[bytes, bytes]:
     """'authzid NUL user NUL password' -> (user, password); the authzid is ignored."""
     resp = decoded + b"\0"
     skip = resp.index(b"\0") + 1
@@ -98,7 +100,7 @@ def plain_credentials(decoded):
     return user, password
 
 
-def cram_credentials(decoded):
+def cram_credentials(decoded: bytes) -> tuple[bytes, bytes]:
     """'user digest' -> (user, digest), split at the last space."""
     resp = _cstr(decoded)
     space = resp.rfind(b" ")
@@ -107,7 +109,7 @@ def cram_credentials(decoded):
     return resp[:space], resp[space:].lstrip(b" ")
 
 
-def mail_parameters(arg, databytes):
+def mail_parameters(arg: bytes, databytes: int) -> tuple[bool, bytes | None]:
     """The patch's MAIL parameter scan (only when the argument has a '>'
     after its 5th byte): space-separated tokens of the argument after its
     first byte.  Returns (size_too_big, auth_value or None); scanning stops
@@ -132,7 +134,7 @@ def mail_parameters(arg, databytes):
     return False, auth_value
 
 
-def xtext_user(value):
+def xtext_user(value: bytes) -> bytes:
     """The AUTH= value as the patch decodes it: '<>' is 'unknown', +2B and
     +3D become '+' and '=', any other '+' is dropped."""
     if value[:2] == b"<>":

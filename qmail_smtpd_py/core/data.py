@@ -21,6 +21,8 @@ processed in pieces (holding back a final CR) so memory stays flat whatever
 the client sends.
 """
 
+from __future__ import annotations
+
 LONG_LINE = 1 << 16
 
 
@@ -31,7 +33,7 @@ class BareLF(Exception):
 class Blast:
     __slots__ = ("limit", "size", "exceeded", "hops", "in_header", "line_start", "_scanned")
 
-    def __init__(self, databytes=0):
+    def __init__(self, databytes: int = 0) -> None:
         self.limit = databytes    # 0 = unlimited
         self.size = 0             # bytes written so far (after CR LF -> LF, unstuffing)
         self.exceeded = False
@@ -40,7 +42,7 @@ class Blast:
         self.line_start = True    # False while in the middle of an over-long line
         self._scanned = 0         # buf[:_scanned] is known to hold no LF
 
-    def feed(self, buf):
+    def feed(self, buf: bytearray) -> tuple[bytes, int, bool]:
         """Consume what can be decided from buf (a bytearray).
 
         Returns (output, consumed, done): output goes to qmail-queue,

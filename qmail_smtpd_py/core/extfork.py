@@ -11,8 +11,14 @@ accepted.  Spec: ../shared/spec/extfork.md; exit 104 answers 552 with
 552SMTPEXTFORK's text (DECISIONS.md).
 """
 
+from __future__ import annotations
+
 from . import replies
-from .requests import CannotStart, EXEC, Exited, Log, RunProgram, Signaled, TimedOut
+from .requests import EXEC, CannotStart, Exited, Log, RunProgram, Signaled, TimedOut
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would cost an import per connection
+if TYPE_CHECKING:
+    from .requests import Steps
 
 QUITASAP_PAUSE = 2  # seconds between the reply and the exit, as the patch does
 EXEC_FAILED = 111   # the patch's child exits 111 when execv fails
@@ -21,12 +27,13 @@ EXEC_FAILED = 111   # the patch's child exits 111 when execv fails
 class ExtFork:
     """Per-connection SMTPEXTFORK state."""
 
-    def __init__(self, time_limit=None):
+    def __init__(self, time_limit: float | None = None) -> None:
         self.time_limit = time_limit  # SMTPEXTFORKTIMEOUT
         self.warned_relay = False
         self.refused_by = None  # the program behind the last refusal, for the log
 
-    def check(self, env, relay, mailfrom, helo, rcpt):
+    def check(self, env: dict[bytes, bytes], relay: bool, mailfrom: bytes, helo: bytes,
+              rcpt: bytes) -> Steps:
         """Run the programs for one recipient (generator).  Returns the
         refusal reply, or None if the recipient may be accepted."""
         if b"SMTPEXTFORK" not in env and b"SMTPEXTFORKR" not in env:

@@ -26,6 +26,8 @@ Anything else is an error or warning in plain words.  No password, AUTH
 response or message content is ever logged.
 """
 
+from __future__ import annotations
+
 _AUTH_MECHANISMS = (b"login", b"plain", b"cram-md5")
 
 # Log values are one word: bytes outside printable ASCII, the space and the
@@ -33,25 +35,25 @@ _AUTH_MECHANISMS = (b"login", b"plain", b"cram-md5")
 _LOG_ESCAPES = {c: "\\x%02x" % c for c in range(256) if not 0x21 <= c <= 0x7E or c == 0x5C}
 
 
-def word(raw):
+def word(raw: bytes | None) -> str:
     """Bytes (or None) as one printable log word."""
     if raw is None:
         return "-"
     return raw.decode("latin-1").translate(_LOG_ESCAPES)
 
 
-def connection_prefix(connection_id, env):
+def connection_prefix(connection_id: int, env: dict[bytes, bytes]) -> str:
     """The start of each of a connection's log lines: "<id> <client ip> "."""
     return "%d %s " % (connection_id, word(env.get(b"TCPREMOTEIP", b"unknown")))
 
 
-def words(line):
+def words(line: bytes) -> str:
     """A line of client or server text for the log: each space-separated
     part escaped as one word."""
     return " ".join(map(word, line.split(b" ")))
 
 
-def command_words(verb, line):
+def command_words(verb: bytes, line: bytes) -> str:
     """A command line for the log; what follows AUTH's mechanism may be a
     credential, and so may anything in the place of a mechanism."""
     if verb != b"auth":
@@ -66,7 +68,7 @@ def command_words(verb, line):
     return " ".join(shown)
 
 
-def refusal_words(verb, reply, by, fields):
+def refusal_words(verb: bytes, reply: bytes, by: str, fields: dict) -> str:
     """`refuse <VERB> <code> by=<check> key=value...`: code from the reply's last line."""
     last = bytes(reply).rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
     words = ["refuse", word(verb.upper()), word(last[:3] or b"-"), "by=" + by]

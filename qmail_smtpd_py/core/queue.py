@@ -6,13 +6,15 @@ queue filter exiting 82 may give its own reply text.  The texts and their
 replies are in replies.py; spec qmail-smtpd.md §4.7.
 """
 
+from __future__ import annotations
+
 from . import replies
-from .requests import Exited, Signaled
+from .requests import Exited, Outcome, Signaled
 
 MAX_ERRTEXT = 255  # bytes of the fd 6 text qmail reads
 
 
-def final_text(finished, transfer_failed):
+def final_text(finished: Outcome, transfer_failed: bool) -> bytes:
     """b"" for success, else the D/Z-prefixed reason, for a FinishQueue outcome."""
     kind = type(finished)
     if kind is Signaled:

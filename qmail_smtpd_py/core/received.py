@@ -1,5 +1,7 @@
 """The Received: line qmail-smtpd puts at the top of every message."""
 
+from __future__ import annotations
+
 import time
 
 # Bytes that survive in the Received fields; everything else becomes '?'.
@@ -11,18 +13,19 @@ _MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
            b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")
 
 
-def safe(field):
+def safe(field: bytes) -> bytes:
     return field.translate(_SANITISE)
 
 
-def date822(when):
+def date822(when: float) -> bytes:
     """qmail's date822fmt: '22 Nov 2026 01:33:33 -0000' (always UTC)."""
     t = time.gmtime(when)
     return b"%d %s %d %02d:%02d:%02d -0000" % (
         t.tm_mday, _MONTHS[t.tm_mon - 1], t.tm_year, t.tm_hour, t.tm_min, t.tm_sec)
 
 
-def received(protocol, local, remoteip, remotehost, remoteinfo, helo, when):
+def received(protocol: bytes, local: bytes, remoteip: bytes, remotehost: bytes,
+             remoteinfo: bytes | None, helo: bytes | None, when: float) -> bytes:
     """Build the header (LF line ends).
 
     helo is None when the client's HELO matched the remote host name;

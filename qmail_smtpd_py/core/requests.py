@@ -39,6 +39,15 @@ Requests, with their possible outcomes:
     ClientCertificate()        PeerCertificate | NO_CERTIFICATE
 """
 
+from __future__ import annotations
+
+TYPE_CHECKING = False  # as typing's, which would cost 15 ms of imports on every connection
+if TYPE_CHECKING:
+    from collections.abc import Generator
+
+    # What the core's generators are: they yield requests, get outcomes back.
+    Steps = Generator["Value", object, object]
+
 
 class Value:
     """A frozen record: fields from __slots__ (positional or by name, with
@@ -107,11 +116,13 @@ class Read(Value):
 class Send(Value):
     """Write these bytes to the client now (a flush point of the core)."""
     __slots__ = ("data",)
+    data: bytes
 
 
 class Log(Value):
     """Write one line to the log; the driver adds the connection's prefix."""
     __slots__ = ("text",)
+    text: str
 
 
 class Now(Value):
@@ -126,15 +137,18 @@ class LocalIPs(Value):
 class MoreRcptHosts(Value):
     """Is any of these keys in control/morercpthosts.cdb?"""
     __slots__ = ("keys",)
+    keys: tuple[bytes, ...]
 
 
 class Sleep(Value):
     __slots__ = ("seconds",)
+    seconds: float
 
 
 class Exit(Value):
     """End the connection with this exit status (all output was sent)."""
     __slots__ = ("code",)
+    code: int
 
 
 READ = Read()
@@ -148,16 +162,20 @@ class StartQueue(Value):
     """Start qmail-queue (execv, cwd the qmail home): message on its fd 0,
     envelope on fd 1, notqmail's error text on fd 6."""
     __slots__ = ("program", "env")
+    program: bytes
+    env: dict[bytes, bytes]
 
 
 class WriteQueue(Value):
     __slots__ = ("data",)
+    data: bytes
 
 
 class FinishQueue(Value):
     """Close the message, write the envelope (None: none at all, so that
     qmail-queue gives up on the message), wait for the child."""
     __slots__ = ("envelope",)
+    envelope: bytes | None
 
 
 class StartPlugin(Value):
@@ -165,6 +183,9 @@ class StartPlugin(Value):
     pipe read by ReadPlugin, stderr the log.  time_limit: seconds for the
     whole run, or None; past it the plugin is killed."""
     __slots__ = ("argv", "env", "time_limit")
+    argv: tuple[bytes, ...]
+    env: dict[bytes, bytes]
+    time_limit: float | None
 
 
 class ReadPlugin(Value):
@@ -181,6 +202,9 @@ class RunProgram(Value):
     """Run an SMTPEXTFORK program (execv, no arguments, stdin /dev/null,
     stdout and stderr the log) and wait for it, killing it past time_limit."""
     __slots__ = ("path", "env", "time_limit")
+    path: bytes
+    env: dict[bytes, bytes]
+    time_limit: float | None
 
 
 class CheckPassword(Value):
@@ -188,6 +212,9 @@ class CheckPassword(Value):
     stdin /dev/null, stdout the log, SIGPIPE at its default; wait for it."""
     __slots__ = ("argv", "data", "env")
     _secret = ("data",)
+    argv: tuple[bytes, ...]
+    data: bytes
+    env: dict[bytes, bytes]
 
 
 READ_PLUGIN = ReadPlugin()
@@ -201,6 +228,8 @@ class StartTLS(Value):
     list (None: the library's default); client_ca asks for (never requires)
     client certificates signed by control/clientca.pem."""
     __slots__ = ("ciphers", "client_ca")
+    ciphers: bytes | None
+    client_ca: bool
 
 
 class Handshake(Value):
@@ -253,10 +282,12 @@ class WriteFailed(Outcome):
 class Failed(Outcome):
     """The thing could not be done; detail says why (for the log)."""
     __slots__ = ("detail",)
+    detail: str
 
 
 class Started(Outcome):
     __slots__ = ("pid",)
+    pid: int
 
 
 # What could not be made when a child was not started.
@@ -268,28 +299,35 @@ class CannotStart(Outcome):
     program could not be executed); detail is the system's error text."""
     __slots__ = ("reason", "detail")
     _defaults = {"detail": ""}
+    reason: str
+    detail: str
 
 
 class Exited(Outcome):
     """The child exited with code; text is what qmail-queue wrote on fd 6."""
     __slots__ = ("code", "text")
     _defaults = {"text": b""}
+    code: int
+    text: bytes
 
 
 class Signaled(Outcome):
     __slots__ = ("signal",)
+    signal: int
 
 
 class WaitFailed(Outcome):
     """waitpid() did not give the child's status (e.g. ECHILD)."""
     __slots__ = ("detail",)
     _defaults = {"detail": ""}
+    detail: str
 
 
 class Lines(Outcome):
     """Output lines of a plugin, each with its LF (an unterminated last one
     at the end of the output without)."""
     __slots__ = ("lines",)
+    lines: list[bytes]
 
 
 class TLSReady(Outcome):
@@ -297,6 +335,8 @@ class TLSReady(Outcome):
     the log should say about the set-up (e.g. an unusable cipher list)."""
     __slots__ = ("client_certs", "warnings")
     _defaults = {"client_certs": False, "warnings": ()}
+    client_certs: bool
+    warnings: tuple[str, ...]
 
 
 # The set-up step that failed (TLSSetupFailed.step).
@@ -308,10 +348,13 @@ class TLSSetupFailed(Outcome):
     error string (b"" when it gave none)."""
     __slots__ = ("step", "detail")
     _defaults = {"detail": b""}
+    step: str
+    detail: bytes
 
 
 class Secured(Outcome):
     __slots__ = ("cipher",)
+    cipher: bytes
 
 
 # Why a handshake failed (HandshakeFailed.why).
@@ -322,6 +365,8 @@ class HandshakeFailed(Outcome):
     """why: TLS_TIMEOUT, TLS_CLOSED or TLS_ERROR (detail: OpenSSL's text)."""
     __slots__ = ("why", "detail")
     _defaults = {"detail": b""}
+    why: str
+    detail: bytes
 
 
 class NoCertificate(Outcome):
@@ -334,6 +379,8 @@ class PeerCertificate(Outcome):
     the first verification error (None: it verified)."""
     __slots__ = ("emails", "verify_error")
     _defaults = {"verify_error": None}
+    emails: tuple[bytes, ...]
+    verify_error: bytes | None
 
 
 END_OF_INPUT = EndOfInput()

@@ -18,20 +18,50 @@ and their replies follow qmail-smtpd.c (spec §3), so the reader can put
 this file and the C side by side.
 """
 
+from __future__ import annotations
+
 from . import address, auth, queue, replies
-from .config import LOG_COMMANDS, LOG_EVENTS, LOG_REPLIES
+from .config import LOG_COMMANDS, LOG_EVENTS, LOG_REPLIES, Config
 from .data import BareLF, Blast
 from .extfork import QUITASAP_PAUSE, ExtFork
 from .logline import command_words, refusal_words, word, words
 from .received import received
 from .requests import (
-    CLIENT_CERTIFICATE, EXEC, HANDSHAKE, LOCAL_IPS, NOW, PIPE, READ, CannotStart, CheckPassword,
-    EndOfInput, Exit, Exited, Failed, FinishQueue, HandshakeFailed, Log, MoreRcptHosts, Send,
-    SendFailed, Signaled, Sleep, StartQueue, StartTLS, Started, TimedOut, TLSSetupFailed,
-    WaitFailed, WriteFailed, WriteQueue,
+    CLIENT_CERTIFICATE,
+    EXEC,
+    HANDSHAKE,
+    LOCAL_IPS,
+    NOW,
+    PIPE,
+    READ,
+    CannotStart,
+    CheckPassword,
+    EndOfInput,
+    Exit,
+    Exited,
+    Failed,
+    FinishQueue,
+    HandshakeFailed,
+    Log,
+    MoreRcptHosts,
+    Send,
+    SendFailed,
+    Sleep,
+    Started,
+    StartQueue,
+    StartTLS,
+    TimedOut,
+    TLSSetupFailed,
+    WaitFailed,
+    WriteFailed,
+    WriteQueue,
 )
 from .spp import NORMAL, REJECT, Disconnect, Plugins
 from .tlspolicy import judge_certificate
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would cost an import per connection
+if TYPE_CHECKING:
+    from .requests import Steps
 
 MAX_HOPS = 100
 # qmail-smtpd's verb table: these do not flush their replies (pipelining).
@@ -47,7 +77,7 @@ class _End(Exception):
         self.why = why
 
 
-def split_command(line):
+def split_command(line: bytes) -> tuple[bytes, bytes]:
     """(lower-cased verb, argument): split at the first space; further
     leading spaces of the argument are skipped, trailing ones kept."""
     verb, _, arg = line.partition(b" ")
@@ -60,7 +90,7 @@ class Session:
     and other children get, and the session changes it as qmail-smtpd
     changes its own)."""
 
-    def __init__(self, config, env, pid=0):
+    def __init__(self, config: Config, env: dict[bytes, bytes], pid: int = 0) -> None:
         self.config = config
         self.env = env
         self.pid = pid             # for the CRAM-MD5 challenge
@@ -97,7 +127,7 @@ class Session:
 
     # ------------------------------------------------------------ the loop
 
-    def run(self):
+    def run(self) -> Steps:
         """The session's requests, as a generator (see requests.py)."""
         steps = self._play()
         if self.log_level >= LOG_REPLIES:
@@ -496,7 +526,7 @@ class Session:
             reply, by = replies.queue_failure(text), "queue"
         yield from self._refuse(reply, by, bytes=blast.size, **{"from": self.mailfrom})
 
-    def envelope(self):
+    def envelope(self) -> bytes:
         parts = [b"F", self.mailfrom, b"\0"]
         for rcpt in self.rcpts:
             parts += [b"T", rcpt, b"\0"]
@@ -703,7 +733,7 @@ class Session:
     }
 
 
-def cannot_start(detail):
+def cannot_start(detail: str) -> Steps:
     """The session of a connection whose control files cannot be read
     (generator, like Session.run): 421 and exit 1, as qmail-smtpd."""
     yield Log("fatal: unable to read controls: %s" % detail)
@@ -711,7 +741,7 @@ def cannot_start(detail):
     yield Exit(1)
 
 
-def fault(exc):
+def fault(exc: BaseException) -> tuple[bytes, str]:
     """(reply, log text) for an exception that escaped the session or the
     driver: a bug, never a traceback on the wire (out of memory: qmail's 421)."""
     if isinstance(exc, MemoryError):

@@ -15,12 +15,30 @@ an empty H line is ignored, H and L texts are bounded (and what is dropped
 is logged); the stale badmailfrom flag is fixed in session.py.
 """
 
+from __future__ import annotations
+
 from . import replies
 from .logline import word
 from .requests import (
-    EXEC, FINISH_PLUGIN, FORK, PIPE, READ_PLUGIN, CannotStart, Exited, Lines, Log, Signaled,
-    StartPlugin, TimedOut,
+    EXEC,
+    FINISH_PLUGIN,
+    FORK,
+    PIPE,
+    READ_PLUGIN,
+    CannotStart,
+    Exited,
+    Lines,
+    Log,
+    Signaled,
+    StartPlugin,
+    TimedOut,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING would cost an import per connection
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .requests import Steps
 
 REJECT, NORMAL, SKIP_CHECKS = 0, 1, 2
 MAX_TEXT = 1 << 16  # most bytes of H headers, and of each LM/LR/LD buffer, kept
@@ -33,7 +51,7 @@ _CANNOT_START = {PIPE: replies.SPP_CANT_PIPE, FORK: replies.SPP_FORK_FAILED,
                  EXEC: replies.SPP_CANT_EXECUTE}
 
 
-def parse_config(lines):
+def parse_config(lines: list[bytes]) -> dict[bytes, list[bytes]]:
     """Plugin entries per section letter from the control file's lines
     (already stripped of comments and blank lines, as control files are)."""
     sections = {letter: [] for letter in SECTIONS}
@@ -46,7 +64,7 @@ def parse_config(lines):
     return sections
 
 
-def plugin_argv(entry):
+def plugin_argv(entry: bytes) -> tuple[bytes, ...]:
     """A ':' entry is a shell command line; any other is the program's path."""
     if entry[:1] == b":":
         return (b"/bin/sh", b"-c", entry[1:])
@@ -79,7 +97,8 @@ class _Deferred:
 class Plugins:
     """The qmail-spp state of one connection."""
 
-    def __init__(self, sections, time_limit=None):
+    def __init__(self, sections: dict[bytes, list[bytes]] | None,
+                 time_limit: float | None = None) -> None:
         self.sections = sections or {}
         self.running = sections is not None   # False after A, or with NOSPP
         self.time_limit = time_limit          # SPPTIMEOUT
@@ -107,7 +126,9 @@ class Plugins:
         out += reply
         return deferred.entry
 
-    def hook(self, section, env, out, flush, addr_var=None, addr=None):
+    def hook(self, section: bytes, env: dict[bytes, bytes], out: bytearray,
+             flush: Callable[[], Steps], addr_var: bytes | None = None,
+             addr: bytes | None = None) -> Steps:
         """Run the plugins of a section (generator).  Replies go into out;
         flush() (a generator) sends them when a plugin prints without end.
         Returns (result, addr): addr is the address as changed by C (only

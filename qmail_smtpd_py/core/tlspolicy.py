@@ -6,11 +6,14 @@ its subject is listed in control/tlsclients (judged once per connection,
 at the first such RCPT).  Otherwise the refusal says why.
 """
 
+from __future__ import annotations
+
 from . import replies
-from .requests import PeerCertificate
+from .requests import Outcome, PeerCertificate
 
 
-def judge_certificate(certificate, tls_clients):
+def judge_certificate(certificate: Outcome, tls_clients: frozenset[bytes] | None
+                      ) -> tuple[bytes | None, bytes | None]:
     """(email, None) if the certificate allows relaying, else (None, reason)
     with reason None when the client gave no certificate."""
     if type(certificate) is not PeerCertificate:
