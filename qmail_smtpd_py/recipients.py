@@ -137,29 +137,28 @@ class PasswdFile:
     test's): the first line with that name, as the files backend returns.
     Lines starting with "#", "+" or "-" (NIS compat entries) and lines with
     fewer than 7 fields or a non-numeric uid/gid are skipped.  The file is
-    read at the first lookup; OSError propagates (the resolver: UNKNOWN)."""
+    read at the first lookup and searched, not parsed, so a big one costs
+    little; OSError propagates (the resolver: UNKNOWN)."""
 
     def __init__(self, path):
         self.path = os.fsencode(path)
-        self._entries = None
-
-    def _load(self):
-        with open(self.path, "rb") as f:
-            data = f.read()
-        entries = {}
-        for line in data.split(b"\n"):
-            fields = line.split(b":")
-            if len(fields) < 7 or line[:1] in (b"#", b"+", b"-") or not fields[0]:
-                continue
-            if not (fields[2].isdigit() and fields[3].isdigit()):
-                continue
-            entries.setdefault(fields[0], (fields[0], int(fields[2]), int(fields[3]), fields[5]))
-        return entries
+        self._data = None
 
     def __call__(self, name):
-        if self._entries is None:
-            self._entries = self._load()
-        return self._entries.get(name)
+        if self._data is None:
+            with open(self.path, "rb") as f:
+                self._data = b"\n" + f.read()
+        if not name or name[:1] in (b"#", b"+", b"-") or b"\n" in name or b":" in name:
+            return None
+        data, needle = self._data, b"\n" + name + b":"
+        pos = data.find(needle)
+        while pos >= 0:
+            end = data.find(b"\n", pos + 1)
+            fields = data[pos + 1:end if end >= 0 else len(data)].split(b":")
+            if len(fields) >= 7 and fields[2].isdigit() and fields[3].isdigit():
+                return fields[0], int(fields[2]), int(fields[3]), fields[5]
+            pos = data.find(needle, pos + 1)
+        return None
 
 
 # ------------------------------------------------------------ control files

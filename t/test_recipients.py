@@ -891,13 +891,17 @@ def test_from_environ_settings(tmp_path):
 
 def test_passwd_file(tmp_path):
     path = tmp_path / "passwd"
-    path.write_bytes(b"# comment\n+nis::0:0:::\njoe:x:1001:100:Joe:/home/joe:/bin/sh\n"
+    path.write_bytes(b"joey:x:5:5::/home/joey:/bin/sh\njoe:x:oops:100::/bad:/bin/sh\n"
+                     b"# comment\n+nis::0:0:::\njoe:x:1001:100:Joe:/home/joe:/bin/sh\n"
                      b"joe:x:1002:100:Second:/home/joe2:/bin/sh\nshort:x:1:1\n"
-                     b"bad:x:one:1::/h:/bin/sh\nroot:x:0:0:root:/root:/bin/sh\n")
+                     b"-x:x:1:1::/h:/bin/sh\nbad:x:one:1::/h:/bin/sh\n"
+                     b"root:x:0:0:root:/root:/bin/sh")
     pw = PasswdFile(str(path))
-    assert pw(b"joe") == (b"joe", 1001, 100, b"/home/joe")
-    assert pw(b"root") == (b"root", 0, 0, b"/root")
-    assert [pw(name) for name in (b"+nis", b"short", b"bad", b"nosuch")] == [None] * 4
+    assert pw(b"joe") == (b"joe", 1001, 100, b"/home/joe")  # the first good line
+    assert pw(b"root") == (b"root", 0, 0, b"/root")  # last line, no LF
+    assert pw(b"joey") == (b"joey", 5, 5, b"/home/joey")
+    assert [pw(name) for name in (b"+nis", b"short", b"bad", b"nosuch", b"-x", b"", b"jo",
+                                  b"joe:x")] == [None] * 8
     with pytest.raises(OSError):
         PasswdFile(str(tmp_path / "missing"))(b"joe")
 
