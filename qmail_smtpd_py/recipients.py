@@ -362,17 +362,47 @@ def _deliveries(content):
     return out
 
 
+_SHELL_SPECIAL = frozenset(b"\\$`;&|<>()*?[]{}~\n")
+
+
+def _shell_words(command):
+    """The words of a /bin/sh command line made of plain words and '...' or
+    "..." quoting (as `vdelivermail '' bounce-no-mailbox`); None if it uses
+    anything more (variables, escapes, operators, globs, comments), which
+    is not worth guessing at."""
+    words, word, quote, quoted = [], bytearray(), None, False
+    for c in command:
+        if quote is not None:
+            if c == quote:
+                quote = None
+            elif quote == 0x22 and c in b"$`\\":  # special inside "..."
+                return None
+            else:
+                word.append(c)
+        elif c in b"'\"":
+            quote, quoted = c, True
+        elif c in b" \t":
+            if word or quoted:
+                words.append(bytes(word))
+                word, quoted = bytearray(), False
+        elif c in _SHELL_SPECIAL or (c == 0x23 and not word and not quoted):  # "#"
+            return None
+        else:
+            word.append(c)
+    if quote is not None:
+        return None
+    if word or quoted:
+        words.append(bytes(word))
+    return words
+
+
 def _vdelivermail_args(command):
     """The arguments of a vdelivermail command line, or None if the command
     is not vdelivermail (or is beyond simple shell quoting)."""
-    import shlex  # only when a vpopmail domain is looked at
-    try:
-        words = shlex.split(os.fsdecode(command))
-    except ValueError:
+    words = _shell_words(command)
+    if not words or os.path.basename(words[0]) != b"vdelivermail":
         return None
-    if not words or os.path.basename(words[0]) != "vdelivermail":
-        return None
-    return [os.fsencode(w) for w in words[1:]]
+    return words[1:]
 
 
 # ------------------------------------------------------------ the resolver
@@ -599,7 +629,10 @@ class Resolver:
         if self.vpopmail and len(deliveries) == 1 and deliveries[0][0] == "program":
             args = _vdelivermail_args(deliveries[0][1])
             if args is not None:
-                if len(args) != 2 or args[1] != VDELIVERMAIL_BOUNCE:
+                if len(args) != 2:
+                    raise _Unknown(f"{_text(path)}: vdelivermail with {len(args)} arguments "
+                                   "(it defers: invalid syntax)")
+                if args[1] != VDELIVERMAIL_BOUNCE:
                     return Verdict(ACCEPT, "vdelivermail does not bounce unknown users "
                                    "here", **trace)
                 user = ext.lower()

@@ -429,7 +429,8 @@ def test_cdb_entry_fields(local):
     h = local.home(b"h")
     os.mkdir(os.path.join(h, b".qmail-"))
     local.dotqmail(h, b".qmail-/x")
-    local.assign(entry(b"=", b"nodash", h, dash=b""), entry(b"=", b"slash", h, dash=b"-/", ext=b"x"),
+    local.assign(entry(b"=", b"nodash", h, dash=b""),
+                 entry(b"=", b"slash", h, dash=b"-/", ext=b"x"),
                  entry(b"=", b"root", h, uid=b"0"), entry(b"=", b"uid", h, uid=b"007x"),
                  entry(b"=", b"noid", h, uid=b""), entry(b"=", b"rel", b"relative/home"))
     assert local.check(b"nodash@example.org").status == ACCEPT  # never "no mailbox"
@@ -842,6 +843,12 @@ def test_vpopmail_text_vpasswd_and_no_user_database(vpop):
     (b"| vdelivermail '' bounce-no-mailbox\n./Maildir/\n", ACCEPT),
     (b"| vdelivermail '' bounce-no-mailbox\n| other\n", UNKNOWN),
     (b"| vdelivermail 'unbalanced bounce-no-mailbox\n", UNKNOWN),
+    (b"| \"/home/vpopmail/bin/vdelivermail\" \"\" bounce-no-mailbox\n", REJECT),
+    (b"|vdelivermail  ''   'bounce-no-mailbox'  \n", REJECT),
+    (b"| $VPOPMAIL/bin/vdelivermail '' bounce-no-mailbox\n", UNKNOWN),
+    (b"| vdelivermail '' bounce-no-mailbox # the default\n", UNKNOWN),
+    (b"| vdelivermail '' bounce-no-mailbox;true\n", UNKNOWN),
+    (b"| vdelivermail bounce-no-mailbox\n", UNKNOWN),  # one argument: it defers
     (b"| preline /usr/bin/procmail\n", UNKNOWN),
 ])
 def test_vpopmail_default_lines(vpop, line, status):
