@@ -18,6 +18,7 @@ import re
 import subprocess
 
 import pytest
+
 from helpers import ACC, BIN_DIR, GO, OK, SERVER, crlf, norm, require_server, run_smtp
 from test_recipients import spec_site
 
