@@ -18,6 +18,8 @@ Outcomes may be given as the core's outcome values, or as plain ints for an
 exit status (Exited(int)).
 """
 
+import os
+
 from qmail_smtpd_py.core import requests as rq
 from qmail_smtpd_py.core.config import Config
 from qmail_smtpd_py.core.session import Session
@@ -41,6 +43,49 @@ def config(**overrides):
 
 def _outcome(value):
     return rq.Exited(value) if isinstance(value, int) else value
+
+
+def load_config(home, env=None, args=()):
+    """The Config a connection would get from this qmail home (a path, or a
+    helpers.Home) with this environment: control.load run in the home."""
+    from qmail_smtpd_py.control import load
+    path = getattr(home, "path", home)
+    cwd = os.getcwd()
+    os.chdir(path)
+    try:
+        config, cdb = load(dict(BASE_ENV if env is None else env), args)
+    finally:
+        os.chdir(cwd)
+    if cdb is not None:
+        os.close(cdb.fd)
+    return config
+
+
+class Queued(tuple):
+    """(message, envelope) of one message qmail-queue accepted, with the
+    views of helpers.Queued."""
+
+    message = property(lambda self: self[0])
+    envelope = property(lambda self: self[1])
+
+    @property
+    def sender(self):
+        return self.envelope[1:self.envelope.index(b"\0")]
+
+    @property
+    def recipients(self):
+        entries = self.envelope[self.envelope.index(b"\0") + 1:].split(b"\0")
+        return [e[1:] for e in entries if e.startswith(b"T")]
+
+    @property
+    def received(self):
+        """The server's own Received: header (its two lines)."""
+        first = self.message.index(b"\n")
+        return self.message[:self.message.index(b"\n", first + 1) + 1]
+
+    @property
+    def body(self):
+        return self.message[len(self.received):]
 
 
 class Plugin:
@@ -94,6 +139,12 @@ class World:
     @property
     def plugin_envs(self):
         return [env for _, env in self.plugin_runs]
+
+    # The names of helpers.Result, for tests that run either way.
+    out = property(lambda self: bytes(self.output))
+    status = property(lambda self: self.exit)
+    err = property(lambda self: "".join(line + "\n" for line in self.log).encode(
+        "utf-8", "backslashreplace"))
 
     def play(self, steps, max_steps=None):
         """Answer the requests of steps (Session.run()) up to its Exit."""
@@ -167,7 +218,7 @@ class World:
             return rq.Exited(54)
         status = _outcome(self.queue_status)
         if status == rq.Exited(0):
-            self.queued.append((message, request.envelope))
+            self.queued.append(Queued((message, request.envelope)))
         if type(status) is rq.Exited:
             return rq.Exited(status.code, self.queue_errtext)
         return status
@@ -236,9 +287,13 @@ class World:
     }
 
 
-def run(chunks, cfg=None, env=None, pid=77, **world):
+def run(chunks, cfg=None, env=None, pid=77, home=None, args=(), **world):
     """Play one session: chunks of client bytes (bytes, or a list with None
-    for a read timeout), the session's Config and environment, and what the
-    world answers (World's keywords).  Returns the World, with its records."""
-    session = Session(cfg or config(), dict(BASE_ENV if env is None else env), pid=pid)
-    return World(chunks, **world).play(session.run())
+    for a read timeout), the session's Config (or a qmail home to load it
+    from, with args the checkpassword command line) and environment, and
+    what the world answers (World's keywords).  Returns the World, with its
+    records."""
+    env = dict(BASE_ENV if env is None else env)
+    if cfg is None:
+        cfg = config() if home is None else load_config(home, env, args)
+    return World(chunks, **world).play(Session(cfg, env, pid=pid).run())
