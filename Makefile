@@ -158,9 +158,15 @@ install:
 	@test -x "$(DESTDIR)$(LIBDIR)/bin/python" || $(PYTHON) -m venv "$(DESTDIR)$(LIBDIR)" || { \
 	  echo "make install: '$(PYTHON) -m venv' failed; on Debian: apt-get install python3-venv" >&2; \
 	  exit 1; }
-	rm -rf build
-	"$(DESTDIR)$(LIBDIR)/bin/python" -m pip install --quiet --disable-pip-version-check "$(CURDIR)[dns]"
-	rm -rf build
+	@# pip always rebuilds a local directory: skip it when the sources are the ones installed.
+	@sum=$$(cat $(SOURCES) | sha256sum | cut -c1-64); \
+	if [ "$$(cat "$(DESTDIR)$(LIBDIR)/.source-sha256" 2>/dev/null)" = "$$sum" ]; then \
+	  echo "make install: the package in $(DESTDIR)$(LIBDIR) is up to date"; \
+	else \
+	  rm -rf build && \
+	  "$(DESTDIR)$(LIBDIR)/bin/python" -m pip install --quiet --disable-pip-version-check "$(CURDIR)[dns]" && \
+	  rm -rf build && echo "$$sum" > "$(DESTDIR)$(LIBDIR)/.source-sha256" || exit 1; \
+	fi
 	install -d "$(DESTDIR)$(PREFIX)/bin" "$(DESTDIR)$(MAN8DIR)" "$(DESTDIR)$(SAMPLEDIR)" \
 	  "$(DESTDIR)$(LIBDIR)/plugins"
 	for p in $(PLUGINS); do ln -sfn "../bin/$$p" "$(DESTDIR)$(LIBDIR)/plugins/$$p"; done

@@ -13,7 +13,9 @@ import click
 
 from .cdb import Cdb, CdbError
 from .control import ControlError, leading_number, parse_lines, read_file, read_line
+from .core.replies import TLS_SETUP_STEPS
 from .core.spp import SECTIONS
+from .tls import make_context
 
 # Every control file the server reads.
 CONTROL_FILES = ("me", "smtpgreeting", "localiphost", "rcpthosts", "morercpthosts.cdb",
@@ -175,8 +177,6 @@ def _check_program(conffile, entry, text):
 
 
 def _check_tls(environ):
-    from .core.replies import TLS_SETUP_STEPS
-    from .tls import make_context
     problems = []
     if os.path.isfile("control/servercert.pem") and os.access("control/servercert.pem",
                                                               os.R_OK):

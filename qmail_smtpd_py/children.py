@@ -12,6 +12,7 @@ import errno
 import os
 import select
 import time
+from _signal import SIGKILL, SIGPIPE  # built in: the signal module costs an import
 
 from .core.requests import (
     END_OF_INPUT,
@@ -33,8 +34,6 @@ READ_SIZE = 1 << 16
 MAX_LINE = 1 << 20  # longer plugin output lines are cut here (memory stays bounded)
 _NO_PROCESS = {errno.EAGAIN, errno.ENOMEM}  # posix_spawn could not make a process
 _TRY_NEXT = {errno.ENOENT, errno.ENOTDIR, errno.ESTALE, errno.ENODEV, errno.ETIMEDOUT}
-_SIGPIPE = 13  # the signal module costs an import on every connection
-_SIGKILL = 9
 
 
 def spawn_failure(exc):
@@ -102,7 +101,7 @@ def exits_within(pid, seconds):
 
 def kill(pid):
     try:
-        os.kill(pid, _SIGKILL)
+        os.kill(pid, SIGKILL)
     except ProcessLookupError:
         pass
 
@@ -376,7 +375,7 @@ def check_password(argv, data, env):
         pid = spawn(argv[0], argv, env, [(os.POSIX_SPAWN_DUP2, readable, 3),
                                          (os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
                                          (os.POSIX_SPAWN_DUP2, 2, 1)],
-                    setsigdef=(_SIGPIPE,), search_path=True)
+                    setsigdef=(SIGPIPE,), search_path=True)
     except (OSError, ValueError) as e:
         os.close(writable)
         return spawn_failure(e)

@@ -12,6 +12,7 @@ several entries.
 import os
 
 from .cdb import Cdb
+from .core.auth import parse_mode
 from .core.config import DEFAULT_MAX_LINE, LOG_EVENTS, LOG_REPLIES, Config
 from .core.spp import parse_config
 
@@ -102,7 +103,6 @@ def auth_settings(environ, args):
     smtpauth = environ.get(b"SMTPAUTH")
     if not args and smtpauth is None:
         return None, (), None
-    from .core.auth import parse_mode
     args = [os.fsencode(a) for a in args]
     hostname = None
     if args and not args[0].startswith(b"/"):

@@ -10,11 +10,14 @@ run_connection() is the per-connection entry point, for tcpserver and for
 each session of the resident mode.
 """
 
+import _signal
 import os
 import select
 import time
 
+from .cdb import CdbError
 from .children import PluginProcess, QueueProcess, check_password, run_program
+from .control import ControlError, load
 from .core import requests as rq
 from .core.logline import connection_prefix
 from .core.session import Session, cannot_start, fault
@@ -158,7 +161,6 @@ class Driver:
         return self._local_ips
 
     def more_rcpthosts(self, request):
-        from .cdb import CdbError
         try:
             return any(key in self.morercpthosts for key in request.keys)
         except CdbError as e:
@@ -233,8 +235,6 @@ class Driver:
 def run_connection(args=(), qmail_home=None, environ=None, pid=None):
     """Serve the SMTP connection on fd 0/1 (the tcpserver way, and each
     session of the resident mode); returns the exit status."""
-    from .control import ControlError, load
-
     reset_signals()
     if environ is None:
         environ = started_environment(os.environb)
@@ -259,7 +259,6 @@ def reset_signals():
     """SIGCHLD back at its default: a parent that ignored it (swaks --pipe,
     some inetd-style launchers) would make every wait for a child fail.
     _signal is built in; the signal module costs an import (enum)."""
-    import _signal
     _signal.signal(_signal.SIGCHLD, _signal.SIG_DFL)
     _signal.pthread_sigmask(_signal.SIG_UNBLOCK, {_signal.SIGCHLD})
 

@@ -9,6 +9,8 @@ qmail-smtpd.md §6.1.
 
 from __future__ import annotations
 
+import binascii
+
 # SMTPAUTH modes, numbered as in the patch (> 10 means AUTH is required).
 DISABLED, LOGIN_PLAIN, CRAM, ALL = 0, 1, 2, 3
 REQUIRED_LOGIN_PLAIN, REQUIRED_CRAM, REQUIRED_ALL = 11, 12, 13
@@ -81,7 +83,6 @@ def b64decode(text: bytes) -> bytes:
 
 
 def b64encode(data: bytes) -> bytes:
-    import binascii
     return binascii.b2a_base64(data, newline=False)
 
 
