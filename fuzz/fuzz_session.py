@@ -390,7 +390,7 @@ def drive(cfg, env, pieces, seed, max_steps):
     """Run one session; returns (output, queued, exit, marks, plugin texts)."""
     world = RandomWorld(pieces, seed)
     try:
-        world.play(Session(cfg, dict(env), pid=77).run(), max_steps)
+        world.play(Session(cfg, dict(env), b"77").run(), max_steps)
     except AssertionError as e:
         raise Failure(str(e)) from None
     except StopIteration:

@@ -28,7 +28,7 @@ def _tools(args):
     from . import __version__
     from .check import command as check_command
     from .plugin_test import command as plugin_test_command
-    from .resident import command as serve_command
+    from .pool import command as serve_command
 
     class Group(click.Group):
         """The tools, and a connection when the first argument names none."""

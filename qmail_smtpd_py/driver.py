@@ -232,27 +232,34 @@ class Driver:
     }
 
 
-def run_connection(args=(), qmail_home=None, environ=None, pid=None):
-    """Serve the SMTP connection on fd 0/1 (the tcpserver way, and each
-    session of the resident mode); returns the exit status."""
+def run_connection(args=(), qmail_home=None, environ=None, connection_id=None, infd=0,
+                   outfd=1):
+    """Serve the SMTP connection on infd/outfd (fd 0/1 the tcpserver way; a
+    socket in the resident mode); returns the exit status.  connection_id
+    starts each log line and makes the CRAM-MD5 challenge unique (default:
+    the pid, as qmail-smtpd)."""
     reset_signals()
     if environ is None:
         environ = started_environment(os.environb)
     if b"TCPREMOTEIP" not in environ:  # not under tcpserver: systemd, inetd, ...
         environ = peer_environment(environ)
     env = dict(environ)
-    if pid is None:
-        pid = os.getpid()
+    if connection_id is None:
+        connection_id = str(os.getpid())
     if qmail_home is None:
         qmail_home = env.get(b"QMAILHOME", b"/var/qmail")
-    prefix = connection_prefix(pid, env)
+    prefix = connection_prefix(connection_id, env)
     try:
         os.chdir(qmail_home)
         config, morercpthosts = load(env, args)
     except (OSError, ControlError) as e:
-        return Driver(1200, prefix).run(cannot_start(str(e)))
-    session = Session(config, env, pid=pid)
-    return Driver(config.timeout, prefix, morercpthosts=morercpthosts).run(session.run())
+        return Driver(1200, prefix, infd, outfd).run(cannot_start(str(e)))
+    session = Session(config, env, connection_id.encode())
+    try:
+        return Driver(config.timeout, prefix, infd, outfd, morercpthosts).run(session.run())
+    finally:
+        if morercpthosts is not None:
+            os.close(morercpthosts.fd)
 
 
 def reset_signals():

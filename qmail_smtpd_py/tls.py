@@ -49,10 +49,37 @@ def _reason(exc):
     return text.encode("utf-8", "backslashreplace")
 
 
+_contexts = {}  # the context last made, by what it was made from
+
+
 def make_context(ciphers, client_ca):
     """(context or None, TLSReady or TLSSetupFailed) for a StartTLS request:
     the server context from control/servercert.pem, asking for client
-    certificates signed by control/clientca.pem when client_ca is true."""
+    certificates signed by control/clientca.pem when client_ca is true.
+    A resident worker keeps the context until one of its files changes."""
+    key = (ciphers, client_ca, os.getcwd(), _signature())
+    made = _contexts.get(key)
+    if made is None:
+        made = _make_context(ciphers, client_ca)
+        _contexts.clear()
+        if made[0] is not None:
+            _contexts[key] = made
+    return made
+
+
+def _signature():
+    """What identifies the files a context is made from."""
+    signature = []
+    for path in (SERVERCERT, DHPARAMS, CLIENTCA, CLIENTCRL):
+        try:
+            st = os.stat(path)
+            signature.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            signature.append(None)
+    return tuple(signature)
+
+
+def _make_context(ciphers, client_ca):
     try:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     except ssl.SSLError as e:
@@ -99,11 +126,25 @@ def _ask_for_client_certificates(context, warnings):
     return True
 
 
+_libssl_loaded = []
+
+
 def _libssl():
     """The libssl the ssl module is linked with, for the few calls it lacks."""
-    import _ssl
-    import ctypes
-    return ctypes, ctypes.CDLL(_ssl.__file__)
+    if not _libssl_loaded:
+        import _ssl
+        import ctypes
+        _libssl_loaded[:] = [ctypes, ctypes.CDLL(_ssl.__file__)]
+    return _libssl_loaded
+
+
+def preload():
+    """Load now what TLS would load at its first use (a resident parent,
+    before it drops its privileges)."""
+    try:
+        _libssl()
+    except (OSError, AttributeError):
+        pass  # then client certificates fail soft at each session, as always
 
 
 def _ssl_ctx(ctypes, lib, context):

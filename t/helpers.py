@@ -490,8 +490,8 @@ class EnvQueue:
 # `servers` is parametrized over both.
 LAUNCHERS = ("tcpserver", "resident")
 
-RE_SESSION_PID = re.compile(rb"pid (\d+) from ")
-RE_END = re.compile(rb"end (\d+) status (\d+)")
+RE_SESSION_PID = re.compile(rb"pid ([\d.]+) from ")
+RE_END = re.compile(rb"end ([\d.]+) status (\d+)")
 
 
 class TcpServer:
@@ -514,15 +514,16 @@ class TcpServer:
         return [status for _, status in self.ends(count, timeout)]
 
     def ends(self, count=0, timeout=20):
-        """(pid, wait status) of the finished connections, in the order logged; waits
-        up to timeout seconds until there are at least `count`."""
+        """(connection id, wait status) of the finished connections, in the order
+        logged; waits up to timeout seconds until there are at least `count`.  The id
+        is tcpserver's child pid, or serve's WORKERPID.N (str either way)."""
         found = self.wait_log(RE_END, count, timeout)
-        return [(int(pid), int(status)) for pid, status in found]
+        return [(pid.decode(), int(status)) for pid, status in found]
 
     def session_pids(self, count=0, timeout=20):
-        """The pids of the per-connection children, from the `pid N from IP` lines, in
-        the order logged; waits up to timeout seconds until there are at least `count`."""
-        return [int(pid) for pid in self.wait_log(RE_SESSION_PID, count, timeout)]
+        """The connection ids (str), from the `pid ID from IP` lines, in the order
+        logged; waits up to timeout seconds until there are at least `count`."""
+        return [pid.decode() for pid in self.wait_log(RE_SESSION_PID, count, timeout)]
 
     def wait_log(self, regex, count=1, timeout=20):
         """regex.findall over the log once it has at least `count` matches (or the
@@ -565,8 +566,8 @@ class TcpServers:
 
       tcpserver: [envdir DIR] tcpserver -v -R -H -l mx.test -c 10 [-x RULES]
                  127.0.0.1 PORT qmail-smtpd-py ARGS
-      resident:  [envdir DIR] qmail-smtpd-py serve -H -R -l mx.test -c 10 [-x RULES]
-                 127.0.0.1 PORT ARGS
+      resident:  [envdir DIR] qmail-smtpd-py serve -v -H -R --root -l mx.test -c 10
+                 [-x RULES] 127.0.0.1 PORT ARGS
 
     Both log `status: 0/10` once they listen, `pid N from IP` per connection and
     `end N status S` per finished one."""
@@ -584,7 +585,7 @@ class TcpServers:
         if mode == "tcpserver":
             cmd = ["tcpserver", "-v", "-R", "-H"]
         elif mode == "resident":
-            cmd = [SERVER, "serve", "-H", "-R"]
+            cmd = [SERVER, "serve", "-v", "-H", "-R", "--root"]
         else:
             raise ValueError(mode)
         if local_name is not None:

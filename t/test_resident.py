@@ -18,6 +18,7 @@ everything else waits generously for an event.
 
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -304,6 +305,7 @@ def test_sigterm_refuses_new_connections_and_drains(tcpservers, home, clients):
     (pid,) = server.session_pids(1)
 
     os.kill(server.pid, signal.SIGTERM)
+    server.wait_log(re.compile(rb"got signal 15"))  # it took the signal (asynchronously)
     assert closed_without_greeting(server.port)
     assert server.proc.poll() is None  # still there: a session is open
 

@@ -341,7 +341,7 @@ def test_badhelo_under_tcpserver(tcpservers, home):
     assert len(home.queued()) == 1
     (first, _) = server.session_pids(2)
     assert server.wait_log(re.compile(rb"badhelo: pid (\d+): refused HELO mx\.spammers\.com"
-                                      rb" from 127\.0\.0\.1")) == [b"%d" % first]
+                                      rb" from 127\.0\.0\.1")) == [first.encode()]
 
 
 def test_authlog_under_tcpserver_logs_the_session_pid(tcpservers, home):
@@ -356,5 +356,5 @@ def test_authlog_under_tcpserver_logs_the_session_pid(tcpservers, home):
     (pid,) = server.session_pids(1)
     logged = server.wait_log(re.compile(rb"smtp-login: Login: <joe>, method=plain, "
                                         rb"rip=127\.0\.0\.1, pid=(\d+)\n"))
-    assert logged == [b"%d" % pid]
+    assert logged == [pid.encode()]
     assert b"secret" not in server.log_text()

@@ -287,7 +287,7 @@ class World:
     }
 
 
-def run(chunks, cfg=None, env=None, pid=77, home=None, args=(), **world):
+def run(chunks, cfg=None, env=None, pid=b"77", home=None, args=(), **world):
     """Play one session: chunks of client bytes (bytes, or a list with None
     for a read timeout), the session's Config (or a qmail home to load it
     from, with args the checkpassword command line) and environment, and
@@ -296,4 +296,4 @@ def run(chunks, cfg=None, env=None, pid=77, home=None, args=(), **world):
     env = dict(BASE_ENV if env is None else env)
     if cfg is None:
         cfg = config() if home is None else load_config(home, env, args)
-    return World(chunks, **world).play(Session(cfg, env, pid=pid).run())
+    return World(chunks, **world).play(Session(cfg, env, pid).run())

@@ -42,9 +42,9 @@ def word(raw: bytes | None) -> str:
     return raw.decode("latin-1").translate(_LOG_ESCAPES)
 
 
-def connection_prefix(connection_id: int, env: dict[bytes, bytes]) -> str:
+def connection_prefix(connection_id: str, env: dict[bytes, bytes]) -> str:
     """The start of each of a connection's log lines: "<id> <client ip> "."""
-    return "%d %s " % (connection_id, word(env.get(b"TCPREMOTEIP", b"unknown")))
+    return "%s %s " % (connection_id, word(env.get(b"TCPREMOTEIP", b"unknown")))
 
 
 def words(line: bytes) -> str:

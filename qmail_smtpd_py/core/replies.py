@@ -15,6 +15,8 @@ NOMEM = b"421 out of memory (#4.3.0)\r\n"
 IPME = b"421 unable to figure out my IP addresses (#4.3.0)\r\n"
 TIMEOUT = b"451 timeout (#4.4.2)\r\n"
 INTERNAL = b"451 qmail-smtpd-py internal error, closing connection (#4.3.0)\r\n"
+# serve -C: before the greeting, to a client over its limit of sessions at once
+TOO_MANY_FROM_ADDRESS = b"421 too many connections from your address, try again later (#4.7.0)\r\n"
 
 OK = b"250 ok\r\n"
 FLUSHED = b"250 flushed\r\n"

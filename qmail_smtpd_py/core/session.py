@@ -90,10 +90,11 @@ class Session:
     and other children get, and the session changes it as qmail-smtpd
     changes its own)."""
 
-    def __init__(self, config: Config, env: dict[bytes, bytes], pid: int = 0) -> None:
+    def __init__(self, config: Config, env: dict[bytes, bytes],
+                 connection_id: bytes = b"0") -> None:
         self.config = config
         self.env = env
-        self.pid = pid             # for the CRAM-MD5 challenge
+        self.connection_id = connection_id  # qmail's pid: the CRAM-MD5 challenge's first part
         self._out = bytearray()    # replies not sent yet
         self._buf = bytearray()    # client bytes not consumed yet
         self._scanned = 0          # _buf[:_scanned] is known to hold no LF
@@ -656,7 +657,7 @@ class Session:
     def _auth_cram(self, arg):
         when = yield NOW
         host = self.config.auth_hostname or self.local
-        challenge = b"<%d.%d@%s>" % (self.pid, int(when), host)
+        challenge = b"<%s.%d@%s>" % (self.connection_id, int(when), host)
         self._out += replies.auth_challenge(auth.b64encode(challenge))
         decoded = yield from self._auth_response()
         if decoded is None:
