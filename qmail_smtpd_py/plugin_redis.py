@@ -7,7 +7,7 @@ calls from any number of sessions on any number of hosts cannot interleave,
 and the client sends one request and reads one answer: EVALSHA, or EVAL
 when the server does not know the script yet (NOSCRIPT, answered at once).
 
-Nothing here connects at import time: every call makes its own client.  A
+Nothing here connects at import time: every call makes its own connection.  A
 parent that imports a plugin once and forks a child per call (preloading)
 therefore never shares a socket between processes, and importing this
 module (which imports redis-py, about 0.2 s in a fresh interpreter) is the
@@ -21,7 +21,7 @@ without a time limit (as every resolver call is): use an address, or a
 name from /etc/hosts.  Callers catch ERRORS, accept and log one line.
 
 URLs are redis-py's: redis://[[user]:password@]host[:port][/db],
-rediss://... (TLS), unix:///path/to/socket?db=N.  The client speaks RESP2
+rediss://... (TLS), unix:///path/to/socket?db=N.  The connection speaks RESP2
 and sends no CLIENT SETINFO, so connecting costs no extra round trips.
 
 Only the plugins that use Redis import this module (and so redis-py, the
@@ -47,11 +47,13 @@ TIMEOUT_VARIABLE = "REDISTIMEOUT"
 ERRORS = (redis.RedisError, OSError, ValueError)
 
 
-def _client_options():
-    """Keyword arguments for redis.Redis that this redis-py version takes:
+def _connection_options():
+    """Keyword arguments for redis.Connection that this redis-py version takes:
     no retries, RESP2 (redis-py 8 defaults to RESP3, whose HELLO costs a
     round trip per connection), no CLIENT SETINFO (two more)."""
-    known = inspect.signature(redis.Redis.__init__).parameters
+    known = inspect.signature(redis.Connection.__init__).parameters
+    if not known.keys() & {"protocol", "driver_info", "lib_name"}:  # a wrapper's (*args, **kw)
+        known = inspect.signature(redis.connection.AbstractConnection.__init__).parameters
     options = {"retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
     if "protocol" in known:
         options["protocol"] = 2
@@ -62,7 +64,7 @@ def _client_options():
     return options
 
 
-CLIENT_OPTIONS = _client_options()
+CONNECTION_OPTIONS = _connection_options()
 
 
 def timeout_from(environ):
@@ -106,22 +108,30 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    def __call__(self, client, keys, args):
+    def __call__(self, connection, keys, args):
+        """The script's reply, over a redis.Connection; raises one of ERRORS."""
         try:
-            return client.evalsha(self.sha, len(keys), *keys, *args)
+            connection.send_command("EVALSHA", self.sha, len(keys), *keys, *args)
+            return connection.read_response()
         except redis.exceptions.NoScriptError:
-            return client.eval(self.source, len(keys), *keys, *args)
+            connection.send_command("EVAL", self.source, len(keys), *keys, *args)
+            return connection.read_response()
 
 
 def run(url, timeout, script, keys, args):
     """Connect to url, run script once with keys and args, close; returns the
-    script's reply.  Raises one of ERRORS."""
-    client = redis.Redis.from_url(url, socket_timeout=timeout,
-                                  socket_connect_timeout=timeout, **CLIENT_OPTIONS)
+    script's reply (raw: no redis-py response callbacks).  Raises one of ERRORS.
+
+    A bare connection, not a redis.Redis client: a client builds a table of
+    some 170 response callbacks each time it is made, which would be most of
+    a call's own work."""
+    pool = redis.ConnectionPool.from_url(url, socket_timeout=timeout,
+                                         socket_connect_timeout=timeout, **CONNECTION_OPTIONS)
+    connection = pool.make_connection()
     try:
-        return script(client, keys, args)
+        return script(connection, keys, args)
     finally:
-        client.close()
+        connection.disconnect()
 
 
 def reason(exc):

@@ -17,7 +17,6 @@ import subprocess
 import threading
 import time
 
-import pytest
 import redis
 
 from helpers import free_port
@@ -29,6 +28,7 @@ START_TIMEOUT = 15.0
 def require_redis_server():
     """Skip the calling test when redis-server is missing; under CI (CI set) fail
     instead, so a missing install step in .ci/run cannot pass silently."""
+    import pytest  # here: bench/redis_plugins.py uses this module without pytest
     if os.access(REDIS_SERVER, os.X_OK):
         return
     why = "redis-server is not installed (apt-get install redis-server; .ci/run does)"
@@ -74,6 +74,7 @@ class RedisServer:
             self.stop()
             if self.port:  # the port we must keep was taken meanwhile
                 break
+        import pytest
         with open(os.path.join(self.directory, "redis.log"), errors="replace") as f:
             pytest.fail("redis-server did not start: %s" % f.read()[-2000:])
 
