@@ -33,8 +33,7 @@ import inspect
 import os
 
 import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.connection import parse_url
 
 from qmail_smtpd_py import plugin
 
@@ -49,12 +48,14 @@ ERRORS = (redis.RedisError, OSError, ValueError)
 
 def _connection_options():
     """Keyword arguments for redis.Connection that this redis-py version takes:
-    no retries, RESP2 (redis-py 8 defaults to RESP3, whose HELLO costs a
-    round trip per connection), no CLIENT SETINFO (two more)."""
+    no retries (a Connection's default, unlike a redis.Redis client's three;
+    retry=None also spares a deep copy of a Retry object per connection),
+    RESP2 (redis-py 8 defaults to RESP3, whose HELLO costs a round trip per
+    connection), no CLIENT SETINFO (two more)."""
     known = inspect.signature(redis.Connection.__init__).parameters
     if not known.keys() & {"protocol", "driver_info", "lib_name"}:  # a wrapper's (*args, **kw)
         known = inspect.signature(redis.connection.AbstractConnection.__init__).parameters
-    options = {"retry": Retry(NoBackoff(), 0), "health_check_interval": 0}
+    options = {"retry": None, "health_check_interval": 0}
     if "protocol" in known:
         options["protocol"] = 2
     if "driver_info" in known:
@@ -122,12 +123,17 @@ def run(url, timeout, script, keys, args):
     """Connect to url, run script once with keys and args, close; returns the
     script's reply (raw: no redis-py response callbacks).  Raises one of ERRORS.
 
-    A bare connection, not a redis.Redis client: a client builds a table of
-    some 170 response callbacks each time it is made, which would be most of
-    a call's own work."""
-    pool = redis.ConnectionPool.from_url(url, socket_timeout=timeout,
-                                         socket_connect_timeout=timeout, **CONNECTION_OPTIONS)
-    connection = pool.make_connection()
+    A bare connection, not a redis.Redis client nor a pool: a client builds a
+    table of some 170 response callbacks each time it is made, and in a child
+    just forked every object touched costs a copied page, so the fewer the
+    better (bench/redis_plugins.py)."""
+    options = parse_url(url)  # ValueError for a bad one
+    connection_class = options.pop("connection_class", redis.Connection)
+    options.update(CONNECTION_OPTIONS, socket_timeout=timeout, socket_connect_timeout=timeout)
+    try:
+        connection = connection_class(**options)
+    except TypeError as e:  # an option in the URL's query that a connection does not take
+        raise ValueError("bad URL option: %s" % e) from None
     try:
         return script(connection, keys, args)
     finally:

@@ -38,12 +38,14 @@ def require_redis_server():
 
 
 class RedisServer:
-    """redis-server on 127.0.0.1:port with its files in directory."""
+    """redis-server on 127.0.0.1:port with its files in directory (and, with
+    unix=True, also on the Unix socket directory/redis.sock: .socket)."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, unix=False):
         require_redis_server()
         self.directory = str(directory)
         os.makedirs(self.directory, exist_ok=True)
+        self.socket = os.path.join(self.directory, "redis.sock") if unix else None
         self.port = None
         self.proc = None
 
@@ -62,7 +64,8 @@ class RedisServer:
             self.proc = subprocess.Popen(
                 [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                  "--appendonly", "no", "--dir", self.directory, "--logfile", log,
-                 "--daemonize", "no"],
+                 "--daemonize", "no"]
+                + (["--unixsocket", self.socket, "--unixsocketperm", "700"] if self.socket else []),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True)
             deadline = time.monotonic() + START_TIMEOUT

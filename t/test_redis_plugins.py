@@ -24,7 +24,7 @@ import re
 import pytest
 
 from helpers import ACC, BIN_DIR, BYE, GO, GREETING, OK, crlf, free_port, norm, run_smtp
-from redisserver import SilentServer
+from redisserver import RedisServer, SilentServer
 from test_auth import LOGIN_PLAIN, ehlo
 from test_greylist import ACCEPTED, GREYLIST, GREYLISTED, REFUSED, RedisStore, session
 
@@ -142,6 +142,17 @@ def test_greylist_redis_prefix_and_database_number(fresh_redis, make_home):
     assert attempt(home).out == REFUSED
     assert [k[:8] for k in home.store.keys()] == [b"mx:grey:"]
     assert fresh_redis.client(0).dbsize() == 0
+
+
+def test_greylist_redis_over_a_unix_socket(tmp_path, make_home):
+    with RedisServer(tmp_path / "redis", unix=True) as server:
+        home = plugin_home(make_home, ("rcpt", [GREYLIST]))
+        home.store = RedisStore(server, db=1)
+        home.store.env["GREYLIST_DB"] = "unix://%s?db=1" % server.socket
+        assert attempt(home).out == REFUSED
+        home.store.age(300, "first_seen")
+        assert attempt(home).out == ACCEPTED
+        assert len(home.store.keys()) == 1
 
 
 def test_greylist_redis_key_escapes_spaces_and_percent(grey_redis):
