@@ -75,7 +75,7 @@ class RedisStore:
         if prefix != b"greylist:":
             self.env["GREYLIST_REDIS_PREFIX"] = os.fsdecode(prefix)
 
-    def keys(self):
+    def names(self):
         return sorted(self.client.scan_iter(match=self.prefix + b"*"))
 
     @staticmethod
@@ -88,7 +88,7 @@ class RedisStore:
 
     def rows(self):
         table = []
-        for key in self.keys():
+        for key in self.names():
             first, last, passed, attempts = self.client.hmget(
                 key, "first_seen", "last_seen", "passed", "attempts")
             table.append(self.triplet(key[len(self.prefix):]) + (
@@ -97,12 +97,12 @@ class RedisStore:
         return sorted(table)
 
     def age(self, seconds, column):
-        for key in self.keys():
+        for key in self.names():
             if self.client.hexists(key, column):
                 self.client.hincrby(key, column, -seconds)
 
     def untouched(self):
-        return self.keys() == []
+        return self.names() == []
 
 
 def greylist_home(make_home):

@@ -22,11 +22,11 @@ import os
 import re
 
 import pytest
+from test_auth import LOGIN_PLAIN, ehlo
+from test_greylist import ACCEPTED, GREYLIST, GREYLISTED, REFUSED, RedisStore, session
 
 from helpers import ACC, BIN_DIR, BYE, GO, GREETING, OK, crlf, free_port, norm, run_smtp
 from redisserver import RedisServer, SilentServer
-from test_auth import LOGIN_PLAIN, ehlo
-from test_greylist import ACCEPTED, GREYLIST, GREYLISTED, REFUSED, RedisStore, session
 
 RATELIMIT = os.path.join(BIN_DIR, "ratelimit")
 REDIS_CLI = "redis-cli"
@@ -118,7 +118,7 @@ def test_greylist_redis_keys_and_ttls(grey_redis):
     client = grey_redis.store.client
     assert attempt(grey_redis).out == REFUSED
     name = b"greylist:192.0.2.0/24 <a@sender.test> <u@example.com>"
-    assert grey_redis.store.keys() == [name]
+    assert grey_redis.store.names() == [name]
     assert 0 < client.ttl(name) <= 2 * 86400 + 1  # the retry window
     grey_redis.store.age(300, "first_seen")
     assert attempt(grey_redis).out == ACCEPTED
@@ -130,7 +130,7 @@ def test_greylist_redis_keys_and_ttls(grey_redis):
 def test_greylist_redis_ttl_follows_the_settings(grey_redis):
     env = {"GREYLIST_RETRY_WINDOW": "600", "GREYLIST_EXPIRE": "7200", "GREYLIST_DELAY": "0"}
     assert attempt(grey_redis, env=env).out == REFUSED
-    (name,) = grey_redis.store.keys()
+    (name,) = grey_redis.store.names()
     assert 0 < grey_redis.store.client.ttl(name) <= 601
     assert attempt(grey_redis, env=env).out == ACCEPTED
     assert 601 < grey_redis.store.client.ttl(name) <= 7201
@@ -140,7 +140,7 @@ def test_greylist_redis_prefix_and_database_number(fresh_redis, make_home):
     home = plugin_home(make_home, ("rcpt", [GREYLIST]))
     home.store = RedisStore(fresh_redis, db=3, prefix=b"mx:grey:")
     assert attempt(home).out == REFUSED
-    assert [k[:8] for k in home.store.keys()] == [b"mx:grey:"]
+    assert [k[:8] for k in home.store.names()] == [b"mx:grey:"]
     assert fresh_redis.client(0).dbsize() == 0
 
 
@@ -152,14 +152,14 @@ def test_greylist_redis_over_a_unix_socket(tmp_path, make_home):
         assert attempt(home).out == REFUSED
         home.store.age(300, "first_seen")
         assert attempt(home).out == ACCEPTED
-        assert len(home.store.keys()) == 1
+        assert len(home.store.names()) == 1
 
 
 def test_greylist_redis_key_escapes_spaces_and_percent(grey_redis):
     """A quoted local part may hold a space: written %20 (and % as %25), so the
     three parts of a key never run together."""
     assert attempt(grey_redis, sender=b'"a b%"@sender.test').out == REFUSED
-    assert grey_redis.store.keys() == [
+    assert grey_redis.store.names() == [
         b"greylist:192.0.2.0/24 <a%20b%25@sender.test> <u@example.com>"]
     assert grey_redis.store.rows()[0][1] == "a b%@sender.test"
 
@@ -170,7 +170,7 @@ def test_greylist_redis_script_is_loaded_again_after_a_flush(grey_redis):
     assert attempt(grey_redis).out == REFUSED
     client.script_flush()
     assert attempt(grey_redis, rcpt=b"v@example.com").out == REFUSED
-    assert len(grey_redis.store.keys()) == 2
+    assert len(grey_redis.store.names()) == 2
     sha = hashlib.sha1(plugin_constant(GREYLIST, "REDIS_SCRIPT").encode()).hexdigest()
     assert client.script_exists(sha) == [True]  # EVAL cached it for the next EVALSHA
 
