@@ -118,7 +118,8 @@ fuzz: $(STAMP)
 #   make install [PREFIX=/usr/local] [DESTDIR=] [QMAILBIN=/var/qmail/bin]
 #
 # Creates a virtualenv at $(PREFIX)/lib/qmail-smtpd-py with the package installed
-# (non-editable, click and attrs from PyPI or pip's cache), links
+# (non-editable, click and attrs from PyPI or pip's cache, with the dns and redis
+# extras for the sample plugins), links
 # $(PREFIX)/bin/qmail-smtpd-py and $(PREFIX)/bin/qmail-queue-maildir to its scripts,
 # installs the man page into $(PREFIX)/share/man/man8 and the sample control files into
 # $(PREFIX)/share/qmail-smtpd-py/control (samples only: nothing is written to a qmail
@@ -164,7 +165,7 @@ install:
 	  echo "make install: the package in $(DESTDIR)$(LIBDIR) is up to date"; \
 	else \
 	  rm -rf build && \
-	  "$(DESTDIR)$(LIBDIR)/bin/python" -m pip install --quiet --disable-pip-version-check "$(CURDIR)[dns]" && \
+	  "$(DESTDIR)$(LIBDIR)/bin/python" -m pip install --quiet --disable-pip-version-check "$(CURDIR)[dns,redis]" && \
 	  rm -rf build && echo "$$sum" > "$(DESTDIR)$(LIBDIR)/.source-sha256" || exit 1; \
 	fi
 	install -d "$(DESTDIR)$(PREFIX)/bin" "$(DESTDIR)$(MAN8DIR)" "$(DESTDIR)$(SAMPLEDIR)" \

@@ -70,3 +70,37 @@ def servers(tmp_path, launcher):
         yield started
     finally:
         started.stop_all()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real redis-server (redisserver.RedisServer) on loopback for the whole run,
+    killed at the end; skipped (failed under CI) without redis-server."""
+    from redisserver import RedisServer
+
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_redis(redis_server):
+    """The shared redis_server, emptied (FLUSHALL) for this test."""
+    client = redis_server.client()
+    try:
+        client.flushall()
+    finally:
+        client.close()
+    return redis_server
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test's own, which the test may stop and start again;
+    killed at teardown."""
+    from redisserver import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()

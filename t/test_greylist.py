@@ -2,9 +2,16 @@
 
 Each attempt is one SMTP session (MAIL, RCPT, QUIT) with control/smtpplugins
 naming the installed plugin (next to the server in the venv's bin/) in
-[rcpt].  Time passing is simulated by moving the rows' timestamps back with
-sqlite3, so nothing sleeps and nothing asserts durations.  The default home
-(conftest.py) has rcpthosts example.com.
+[rcpt].  The default home (conftest.py) has rcpthosts example.com.
+
+Every test of the greylisting rules runs against both backends (the `grey`
+fixture is parametrized): SQLite, the default (var/greylist.sqlite3 under the
+home), and Redis (GREYLIST_DB=redis://... of a real redis-server on loopback,
+conftest.py's fresh_redis).  Time passing is simulated by moving the stored
+timestamps back (an UPDATE in SQLite, HINCRBY in Redis), so nothing sleeps and
+nothing asserts durations.  The tests of the SQLite file itself take
+`sqlite_grey`; those of Redis alone (keys, TTLs, outages, several hosts) are in
+test_redis_plugins.py.
 
 Behaviour: plugins/greylist (its docstring is the manual).
 """
@@ -35,17 +42,100 @@ def session(sender=b"a@sender.test", rcpt=b"u@example.com"):
     return crlf(b"MAIL FROM:<" + sender + b">", b"RCPT TO:<" + rcpt + b">", b"QUIT")
 
 
-@pytest.fixture
-def grey(make_home):
+class SQLiteStore:
+    """The SQLite backend: the database at path (relative to the home)."""
+
+    def __init__(self, home, path=DEFAULT_DB):
+        self.path = os.path.join(home.path, path)
+        self.env = {}
+
+    def rows(self):
+        with sqlite3.connect(self.path) as db:
+            return db.execute("SELECT network, sender, recipient, first_seen, last_seen,"
+                              " passed, attempts FROM triplets ORDER BY 1, 2, 3").fetchall()
+
+    def age(self, seconds, column):
+        db = sqlite3.connect(self.path)
+        with db:
+            db.execute("UPDATE triplets SET %s = %s - ?" % (column, column), (seconds,))
+        db.close()
+
+    def untouched(self):
+        return not os.path.exists(self.path)
+
+
+class RedisStore:
+    """The Redis backend: GREYLIST_DB=server's URL; one hash per triplet, named
+    "greylist:NETWORK <SENDER> <RECIPIENT>" (space and % escaped in the addresses)."""
+
+    def __init__(self, server, db=0, prefix=b"greylist:"):
+        self.client = server.client(db)
+        self.prefix = prefix
+        self.env = {"GREYLIST_DB": server.url(db)}
+        if prefix != b"greylist:":
+            self.env["GREYLIST_REDIS_PREFIX"] = os.fsdecode(prefix)
+
+    def names(self):
+        return sorted(self.client.scan_iter(match=self.prefix + b"*"))
+
+    @staticmethod
+    def triplet(name):
+        """(network, sender, recipient) from a key without its prefix."""
+        network, sender, recipient = name.split(b" ")
+        assert sender[:1] + sender[-1:] == b"<>" and recipient[:1] + recipient[-1:] == b"<>"
+        return tuple(os.fsdecode(part.replace(b"%20", b" ").replace(b"%25", b"%"))
+                     for part in (network, sender[1:-1], recipient[1:-1]))
+
+    def rows(self):
+        table = []
+        for key in self.names():
+            first, last, passed, attempts = self.client.hmget(
+                key, "first_seen", "last_seen", "passed", "attempts")
+            table.append(self.triplet(key[len(self.prefix):]) + (
+                int(first), int(last), None if passed is None else int(passed),
+                int(attempts)))
+        return sorted(table)
+
+    def age(self, seconds, column):
+        for key in self.names():
+            if self.client.hexists(key, column):
+                self.client.hincrby(key, column, -seconds)
+
+    def untouched(self):
+        return self.names() == []
+
+
+def greylist_home(make_home):
     if not os.access(GREYLIST, os.X_OK):
         pytest.fail("%s is not installed next to the server (pip install .)" % GREYLIST)
     return make_home(control={"smtpplugins": "[rcpt]\n%s\n" % GREYLIST})
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def grey(request, make_home):
+    """A home with greylist in [rcpt], on each backend in turn (home.store)."""
+    home = greylist_home(make_home)
+    if request.param == "redis":
+        home.store = RedisStore(request.getfixturevalue("fresh_redis"))
+    else:
+        home.store = SQLiteStore(home)
+    return home
+
+
+@pytest.fixture
+def sqlite_grey(make_home):
+    """A home with greylist in [rcpt] on the SQLite backend only."""
+    home = greylist_home(make_home)
+    home.store = SQLiteStore(home)
+    return home
+
+
 def attempt(home, ip="192.0.2.10", sender=b"a@sender.test", rcpt=b"u@example.com",
             env=None, data=None, args=(), db_trouble=False):
-    """One session; unless db_trouble, the log must not mention database errors."""
+    """One session with the home's backend; unless db_trouble, the log must not
+    mention database errors."""
     full = {"TCPREMOTEIP": ip}
+    full.update(home.store.env)
     full.update(env or {})
     res = run_smtp(data or session(sender, rcpt), env=full, home=home, args=args)
     assert b"Traceback" not in res.err, res.err.decode(errors="replace")
@@ -59,18 +149,20 @@ def db_path(home, path=DEFAULT_DB):
     return os.path.join(home.path, path)
 
 
-def rows(home, path=DEFAULT_DB):
-    with sqlite3.connect(db_path(home, path)) as db:
-        return db.execute("SELECT network, sender, recipient, first_seen, last_seen,"
-                          " passed, attempts FROM triplets ORDER BY 1, 2, 3").fetchall()
+def rows(home, path=None):
+    """(network, sender, recipient, first_seen, last_seen, passed, attempts) of every
+    triplet, sorted: in the home's backend, or in the SQLite database at path."""
+    return (SQLiteStore(home, path) if path else home.store).rows()
 
 
-def age(home, seconds, column="first_seen", path=DEFAULT_DB):
+def age(home, seconds, column="first_seen", path=None):
     """Pretend `seconds` have passed for every row (move `column` back)."""
-    db = sqlite3.connect(db_path(home, path))
-    with db:
-        db.execute("UPDATE triplets SET %s = %s - ?" % (column, column), (seconds,))
-    db.close()
+    (SQLiteStore(home, path) if path else home.store).age(seconds, column)
+
+
+def untouched(home):
+    """True if the backend holds nothing (no database file, no key)."""
+    return home.store.untouched()
 
 
 # ================================================================== the basic cycle
@@ -86,8 +178,9 @@ def test_first_attempt_is_greylisted_and_recorded(grey):
 
 
 def test_retry_before_the_delay_is_greylisted_again(grey):
+    """290, not 299: the second attempt may well come a second later."""
     assert attempt(grey).out == REFUSED
-    age(grey, 299)
+    age(grey, 290)
     assert attempt(grey).out == REFUSED
     ((*_, passed, attempts),) = rows(grey)
     assert passed is None and attempts == 2
@@ -222,7 +315,9 @@ def test_confirmed_entry_expires_when_unused(grey):
     assert passed is None and attempts == 1
 
 
-def test_old_rows_of_other_triplets_are_purged(grey):
+def test_old_rows_of_other_triplets_are_purged(sqlite_grey):
+    """In Redis each hash has a TTL instead (test_redis_plugins.py)."""
+    grey = sqlite_grey
     attempt(grey, rcpt=b"stale@example.com")
     age(grey, 3 * 86400)
     attempt(grey, rcpt=b"fresh@example.com")
@@ -235,7 +330,7 @@ def test_old_rows_of_other_triplets_are_purged(grey):
 def test_relay_clients_are_not_greylisted(grey):
     res = attempt(grey, env={"RELAYCLIENT": ""})
     assert res.out == ACCEPTED
-    assert not os.path.exists(db_path(grey))
+    assert untouched(grey)
 
 
 def test_authenticated_sessions_are_not_greylisted(grey):
@@ -243,26 +338,26 @@ def test_authenticated_sessions_are_not_greylisted(grey):
                 b"RCPT TO:<u@elsewhere.test>", b"QUIT")
     res = attempt(grey, data=data, env={"SMTPAUTH": ""}, args=("/bin/true",))
     assert res.out.endswith(AUTH_OK + OK + OK + BYE)
-    assert not os.path.exists(db_path(grey))
+    assert untouched(grey)
 
 
 @pytest.mark.parametrize("value", ["", "1"])
 def test_nogreylist_env_skips(grey, value):
     assert attempt(grey, env={"NOGREYLIST": value}).out == ACCEPTED
-    assert not os.path.exists(db_path(grey))
+    assert untouched(grey)
 
 
 def test_client_without_ip_address_is_logged_and_accepted(grey):
     res = attempt(grey, ip="unknown")
     assert res.out == ACCEPTED
     assert b"client address 'unknown' is no IP address; not greylisting" in res.err
-    assert not os.path.exists(db_path(grey))
+    assert untouched(grey)
 
 
 def test_recipients_outside_rcpthosts_leave_no_row(grey):
     res = attempt(grey, rcpt=b"u@elsewhere.test")
     assert res.out == GREETING + OK + NOGATEWAY + BYE
-    assert not os.path.exists(db_path(grey))
+    assert untouched(grey)
 
 
 def test_whitelist_file(grey):
@@ -274,7 +369,7 @@ def test_whitelist_file(grey):
     for ip in ("198.51.100.7", "203.0.113.99", "192.0.2.77", "2001:db8:aa:1::1",
                "::ffff:198.51.100.7"):
         assert attempt(grey, ip=ip, env=env).out == ACCEPTED, ip
-    assert not os.path.exists(db_path(grey))
+    assert untouched(grey)
     for ip in ("198.51.100.8", "192.0.20.1", "2001:db8:ab::1"):
         assert attempt(grey, ip=ip, env=env).out == REFUSED, ip
     assert len(rows(grey)) == 3
@@ -286,10 +381,11 @@ def test_missing_whitelist_file_is_logged_and_greylisting_goes_on(grey):
     assert b"cannot read GREYLIST_WHITELIST control/nonesuch" in res.err
 
 
-# ================================================================== the database
+# ================================================================== the SQLite database
 
 
-def test_default_db_is_created_under_the_qmail_home(grey):
+def test_default_db_is_created_under_the_qmail_home(sqlite_grey):
+    grey = sqlite_grey
     assert not os.path.exists(os.path.join(grey.path, "var"))
     attempt(grey)
     assert os.path.isfile(db_path(grey))
@@ -298,11 +394,12 @@ def test_default_db_is_created_under_the_qmail_home(grey):
 
 
 @pytest.mark.parametrize("relative", [True, False])
-def test_greylist_db_env_is_honoured(grey, tmp_path, relative):
+def test_greylist_db_env_is_honoured(sqlite_grey, tmp_path, relative):
+    grey = sqlite_grey
     path = "data/grey/db.sqlite3" if relative else str(tmp_path / "elsewhere" / "g.db")
     env = {"GREYLIST_DB": path}
     assert attempt(grey, env=env).out == REFUSED
-    assert not os.path.exists(db_path(grey))
+    assert untouched(grey)
     assert len(rows(grey, path)) == 1  # joins an absolute path as it is
     age(grey, 300, path=path)
     assert attempt(grey, env=env).out == ACCEPTED
@@ -328,7 +425,8 @@ def unusable(home, kind):
 
 @pytest.mark.parametrize("kind", ["parent-is-a-file", "is-a-directory", "not-a-database",
                                   "unwritable-directory"])
-def test_unusable_db_fails_open_with_a_log_line(grey, kind):
+def test_unusable_db_fails_open_with_a_log_line(sqlite_grey, kind):
+    grey = sqlite_grey
     path = unusable(grey, kind)
     res = attempt(grey, env={"GREYLIST_DB": path}, db_trouble=True)
     assert res.out == ACCEPTED
@@ -337,7 +435,8 @@ def test_unusable_db_fails_open_with_a_log_line(grey, kind):
     assert b"not greylisting" in res.err
 
 
-def test_locked_db_fails_open_with_a_log_line(grey):
+def test_locked_db_fails_open_with_a_log_line(sqlite_grey):
+    grey = sqlite_grey
     assert attempt(grey).out == REFUSED  # creates the database
     holder = sqlite3.connect(db_path(grey), isolation_level=None)
     try:
@@ -382,13 +481,13 @@ def test_concurrent_sessions_share_one_database(grey):
     assert sorted(r[-1] for r in table) == [6] * 8
 
 
-def test_many_plugin_processes_at_once(grey, tmp_path):
+def test_many_plugin_processes_at_once(grey):
     """32 plugin processes started together on a fresh database, four per triplet."""
     procs = []
     for n in range(32):
         env = {"PATH": "/usr/bin:/bin", "TCPREMOTEIP": "198.51.100.%d" % (n % 8),
                "SMTPMAILFROM": "s@sender.test", "SMTPRCPTTO": "u%d@example.com" % (n % 8),
-               "SMTPRCPTHOSTSOK": "1", "GREYLIST_DB": str(tmp_path / "g.sqlite3")}
+               "SMTPRCPTHOSTSOK": "1", **grey.store.env}
         procs.append(subprocess.Popen([GREYLIST], env=env, cwd=grey.path,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
     for p in procs:
@@ -396,6 +495,5 @@ def test_many_plugin_processes_at_once(grey, tmp_path):
         assert p.returncode == 0
         assert out == b"E451 greylisted, please try again later (#4.7.1)\n", err
         assert b"locked" not in err and b"cannot use" not in err and b"Traceback" not in err
-    with sqlite3.connect(tmp_path / "g.sqlite3") as db:
-        counts = db.execute("SELECT recipient, attempts FROM triplets ORDER BY 1").fetchall()
+    counts = [(r[2], r[-1]) for r in rows(grey)]
     assert counts == [("u%d@example.com" % n, 4) for n in range(8)]

@@ -137,7 +137,7 @@ def test_samples_installed(prefix):
 
 def test_sample_plugins_installed_with_the_venvs_python(prefix):
     """lib/qmail-smtpd-py/plugins/NAME for each sample plugin, runnable as it is (the
-    helper module and dnspython come with it)."""
+    helper module, dnspython and redis-py come with it)."""
     plugins = os.path.join(prefix, "lib", "qmail-smtpd-py", "plugins")
     assert sorted(os.listdir(plugins)) == sorted(os.listdir(os.path.join(REPO, "plugins")))
     for name in os.listdir(plugins):
@@ -148,8 +148,8 @@ def test_sample_plugins_installed_with_the_venvs_python(prefix):
                           env={"SMTPAUTHUSER": "joe"}, timeout=30)
     assert (proc.returncode, proc.stdout) == (0, b"N\n")
     python = os.path.join(prefix, "lib", "qmail-smtpd-py", "bin", "python")
-    subprocess.run([python, "-c", "import dns.resolver, qmail_smtpd_py.plugin_dns"],
-                   check=True, timeout=30)
+    subprocess.run([python, "-c", "import dns.resolver, qmail_smtpd_py.plugin_dns, "
+                    "redis, qmail_smtpd_py.plugin_redis"], check=True, timeout=30)
 
 
 @pytest.mark.parametrize("kind", ["file", "foreign link", "dangling link"])
