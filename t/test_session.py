@@ -121,7 +121,7 @@ AUTH_SESSION = (b"EHLO c\r\nAUTH LOGIN\r\nam9l\r\nc2VjcmV0\r\nRSET\r\nAUTH PLAIN
                 b"AGpvZQBzZWNyZXQ=\r\n" + MSG.replace(b"u@example.com", b"x@other.org"))
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)  # no timing: the machine is shared
 @given(st.sampled_from(SESSIONS + [AUTH_SESSION]),
        st.lists(st.integers(min_value=1, max_value=200), max_size=8))
 def test_input_split_anywhere_gives_the_same_output(session_bytes, cuts):
