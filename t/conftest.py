@@ -45,7 +45,7 @@ def smtp(home):
 def tcpservers(tmp_path):
     """helpers.TcpServers for this test: start(home=None, env=None, rules=None,
     envdir=None, cwd=None, args=(), mode=None, maxconn=10, local_name="mx.test")
-    -> TcpServer(port, log, proc, mode); tcpserver unless mode="resident"; all killed
+    -> TcpServer(port, log, proc, mode); tcpserver unless mode="pool"; all killed
     at teardown."""
     servers = helpers.TcpServers(tmp_path)
     try:
@@ -56,7 +56,7 @@ def tcpservers(tmp_path):
 
 @pytest.fixture(params=helpers.LAUNCHERS)
 def launcher(request):
-    """Each network launcher in turn: "tcpserver", then "resident" (`qmail-smtpd-py
+    """Each network launcher in turn: "tcpserver", then "pool" (`qmail-smtpd-py
     serve`)."""
     return request.param
 

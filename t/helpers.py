@@ -485,10 +485,10 @@ class EnvQueue:
 # ------------------------------------------------------------------ tcpserver and serve
 
 # The two ways of running the server as a network daemon: each connection under the real
-# tcpserver (a new interpreter per connection), or `qmail-smtpd-py serve` (resident mode,
-# one fork per connection). TcpServers.start runs either; the conftest.py fixture
-# `servers` is parametrized over both.
-LAUNCHERS = ("tcpserver", "resident")
+# tcpserver (a new interpreter per connection), or `qmail-smtpd-py serve` (the pool of
+# pre-forked workers; "resident" is its old name). TcpServers.start runs either; the
+# conftest.py fixture `servers` is parametrized over both.
+LAUNCHERS = ("tcpserver", "pool")
 
 RE_SESSION_PID = re.compile(rb"pid ([\d.]+) from ")
 RE_END = re.compile(rb"end ([\d.]+) status (\d+)")
@@ -566,13 +566,14 @@ class TcpServers:
 
       tcpserver: [envdir DIR] tcpserver -v -R -H -l mx.test -c 10 [-x RULES]
                  127.0.0.1 PORT qmail-smtpd-py ARGS
-      resident:  [envdir DIR] qmail-smtpd-py serve -v -H -R --root -l mx.test -c 10
+      pool:      [envdir DIR] qmail-smtpd-py serve -v -H -R --root -l mx.test -c 10
                  [-x RULES] 127.0.0.1 PORT ARGS
 
     Both log `status: 0/10` once they listen, `pid N from IP` per connection and
     `end N status S` per finished one."""
 
     def __init__(self, tmp_path, mode="tcpserver"):
+        mode = "pool" if mode == "resident" else mode
         assert mode in LAUNCHERS, mode
         self.tmp = tmp_path
         self.mode = mode
@@ -580,11 +581,11 @@ class TcpServers:
 
     @staticmethod
     def command(mode, port, rules=None, maxconn=10, local_name="mx.test", args=(),
-                host="127.0.0.1"):
+                host="127.0.0.1", options=()):
         """The command line of a launcher listening on HOST PORT."""
         if mode == "tcpserver":
             cmd = ["tcpserver", "-v", "-R", "-H"]
-        elif mode == "resident":
+        elif mode in ("pool", "resident"):
             cmd = [SERVER, "serve", "-v", "-H", "-R", "--root"]
         else:
             raise ValueError(mode)
@@ -593,13 +594,13 @@ class TcpServers:
         cmd += ["-c", str(maxconn)]
         if rules:
             cmd += ["-x", rules]
-        cmd += [host, str(port)]
+        cmd += list(options) + [host, str(port)]
         if mode == "tcpserver":
             cmd.append(SERVER)
         return cmd + list(args)
 
     def start(self, home=None, env=None, rules=None, envdir=None, cwd=None, args=(),
-              mode=None, maxconn=10, local_name="mx.test", host="127.0.0.1"):
+              mode=None, maxconn=10, local_name="mx.test", host="127.0.0.1", options=()):
         """Start a server and wait until it listens; returns a TcpServer.
 
         The environment is PATH, QMAILHOME and QMAILQUEUE of home (if given), then env.
@@ -607,8 +608,10 @@ class TcpServers:
         cwd, which defaults to the test's tmp_path); args: the server's arguments (the
         checkpassword command line); mode: "tcpserver" or "resident" (default: the
         mode this TcpServers was made with); maxconn: -c; local_name: -l (None: no -l);
-        host: the address to listen on (e.g. "::1")."""
+        host: the address to listen on (e.g. "::1"); options: more options of the
+        launcher (before HOST PORT)."""
         mode = mode or self.mode
+        mode = "pool" if mode == "resident" else mode
         if mode == "tcpserver":
             require_tools("tcpserver")
         require_server()
@@ -618,7 +621,7 @@ class TcpServers:
         full_env.update(env or {})
         for _ in range(5):
             port = free_port()
-            cmd = self.command(mode, port, rules, maxconn, local_name, args, host)
+            cmd = self.command(mode, port, rules, maxconn, local_name, args, host, options)
             if envdir:
                 require_tools("envdir")
                 cmd = ["envdir", envdir] + cmd

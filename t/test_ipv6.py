@@ -1,6 +1,6 @@
 """IPv6 clients: TCPREMOTEIP=::1 as ucspi-tcp-ipv6's tcpserver sets it, in the Received
 line, in plugin variables and in the log; then for real on ::1, under tcpserver (Debian's
-ucspi-tcp-ipv6, which .ci/run installs) and in the resident mode."""
+ucspi-tcp-ipv6, which .ci/run installs) and in the pool (`serve`)."""
 
 import os
 import smtplib

@@ -4,7 +4,7 @@ daemontools-style command line, and delivery through bin/qmail-queue-maildir int
 Maildir.
 
 Every test runs twice (the conftest.py fixture `servers`): under the real tcpserver
-(ucspi-tcp) and under the resident mode `qmail-smtpd-py serve`, which must behave the
+(ucspi-tcp) and under the pool `qmail-smtpd-py serve`, which must behave the
 same. Both run with -R -H (no ident or DNS look-ups) and -l mx.test, so the server sees
 TCPREMOTEIP=127.0.0.1, TCPLOCALHOST=mx.test and no TCPREMOTEHOST.
 """
