@@ -1,19 +1,23 @@
 """SMTP AUTH (Hoffmann 0.8.3 wire behaviour, ../shared/spec/qmail-smtpd.md §6.1 A1, plus
-DECISIONS.md and spp.md §6) against the installed qmail-smtpd-py: SMTPAUTH modes and
-the EHLO they produce, the LOGIN / PLAIN / CRAM-MD5 dialogues, the checkpassword
-interface on fd 3 byte for byte, what success grants, RSET, the MAIL parameters, the
-old HOSTNAME command line, the qmail-spp [auth] hook and FORCETLS.
+DECISIONS.md and spp.md §6): SMTPAUTH modes and the EHLO they produce, the LOGIN /
+PLAIN / CRAM-MD5 dialogues, the checkpassword interface on fd 3 byte for byte, what
+success grants, RSET, the MAIL parameters, the old HOSTNAME command line, the qmail-spp
+[auth] hook and FORCETLS.
 
-The fake checkpassword (checkpw() below) accepts joe/secret, or a CRAM-MD5 digest of
-"secret" over the challenge it was given, records what it read on fd 3, and execs its
-subprogram on success like the real one.
+The semantics run in-process through the reference world (t/world.py): play() loads
+the Config from the test's qmail home with the real loader, and checkpassword is
+checkpw() below, a function of the fd 3 bytes (the Sleep before a 535 costs nothing
+there).  The tests at the end run the installed server (or, for one, its children
+module) because their point is process plumbing: fd 3, stdin, stdout, SIGPIPE, execvp,
+the real pause, the pid in the CRAM-MD5 challenge, a real client under tcpserver.
 
-A failed authentication costs a 5 s pause before the 535; every case that needs one is
-run at the same time by the `failures` fixture, so the suite pays that pause once.
+The real fake checkpassword (CheckPw below, also used by other test modules) accepts
+joe/secret, or a CRAM-MD5 digest of "secret" over the challenge it was given, records
+what it read on fd 3, and execs its subprogram on success like the real one.
 """
 
 import base64
-import concurrent.futures
+import functools
 import hashlib
 import hmac
 import json
@@ -22,15 +26,20 @@ import re
 import selectors
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from qmail_smtpd_py import children
+from qmail_smtpd_py.core import requests as rq
+from qmail_smtpd_py.core.session import Session
+
 from helpers import (
     SERVER,
-    EnvQueue,
     Home,
     norm,
     require_server,
@@ -39,6 +48,7 @@ from helpers import (
     script,
     server_env,
 )
+from world import BASE_ENV, Plugin, World, load_config
 
 
 def crlf(*lines):
@@ -58,6 +68,7 @@ ACCEPTED = b"250 ok <TIME> qp <PID>\r\n"
 FLUSHED = b"250 flushed\r\n"
 NOGATEWAY = b"553 sorry, that domain isn't in my list of allowed rcpthosts (#5.7.1)\r\n"
 TOO_BIG = b"552 sorry, that message size exceeds my databytes limit (#5.3.4)\r\n"
+UNIMPLEMENTED = b"502 unimplemented (#5.5.1)\r\n"
 MESSAGE = crlf(b"DATA", b"Subject: x", b"", b"hi", b".")
 
 USER_PROMPT = b"334 VXNlcm5hbWU6\r\n"
@@ -101,9 +112,103 @@ def cram_digest(challenge, secret=b"secret"):
     return hmac.new(secret, challenge, hashlib.md5).hexdigest().encode()
 
 
-# ------------------------------------------------------------------ fakes
+# ------------------------------------------------------------------ the world's checkpassword
 
-CHECKPW = r'''#!%(python)s -IS
+CHECKPW = "/var/qmail/bin/checkpw"  # the command line's program; never run in-process
+
+
+def checkpw(data, then=0):
+    """The fake checkpassword as the world runs it, deciding from the fd 3 bytes like
+    CHECKPW below: joe with "secret" or a CRAM-MD5 digest of "secret" over the
+    challenge field, or any user starting with `anyone` (any secret: to look at fd 3
+    only).  Success gives `then`, the subprogram's end (0: /bin/true); failure exit 1."""
+    fields = data.split(b"\0")
+    user = fields[0]
+    secret = fields[1] if len(fields) > 1 else b""
+    challenge = fields[2] if len(fields) > 3 else b""
+    if user == b"joe":
+        ok = secret == b"secret" or (challenge != b"" and hmac.compare_digest(
+            secret, cram_digest(challenge)))
+    else:
+        ok = user.startswith(b"anyone")
+    return then if ok else 1
+
+
+def bytes_env(env):
+    """world.BASE_ENV plus env (str or bytes; None removes a name)."""
+    out = dict(BASE_ENV)
+    for name, value in (env or {}).items():
+        name = os.fsencode(name)
+        if value is None:
+            out.pop(name, None)
+        else:
+            out[name] = value.encode("latin-1") if isinstance(value, str) else value
+    return out
+
+
+class Dialogue(World):
+    """The reference world with a client that may answer what it was sent: a chunk
+    may be a function of the output so far returning the next bytes (CRAM-MD5 needs
+    the challenge before the answer can be computed)."""
+
+    def read(self, request):
+        if self.pending and callable(self.pending[0]):
+            self.pending[0] = self.pending[0](bytes(self.output))
+        return super().read(request)
+
+
+def play(chunks, home, smtpauth="", args=None, env=None, then=0, pid=77, **world):
+    """One session in-process: SMTPAUTH (None: unset), the checkpassword command line
+    (default: CHECKPW /bin/true) and env over world.BASE_ENV, the Config loaded from
+    home's control files; checkpassword is checkpw with the subprogram's end `then`
+    unless given.  Returns the world (.out, .status, .err, .queued, .checkpassword ...)."""
+    full = {"SMTPAUTH": smtpauth}
+    full.update(env or {})
+    full = bytes_env(full)
+    if args is None:
+        args = (CHECKPW, "/bin/true")
+    world.setdefault("checkpassword", functools.partial(checkpw, then=then))
+    cfg = load_config(home, full, args)
+    return Dialogue(chunks, **world).play(Session(cfg, full, pid=pid).run())
+
+
+def cram_answer(user=b"joe", secret=b"secret"):
+    """A client chunk: the CRAM-MD5 answer to the last challenge the client was sent."""
+    def answer(out):
+        challenge = base64.b64decode(RE_CHALLENGE.findall(out)[-1], validate=True)
+        return crlf(b64(user + b" " + cram_digest(challenge, secret)))
+    return answer
+
+
+def challenge_of(out):
+    return base64.b64decode(RE_CHALLENGE.search(out).group(1), validate=True)
+
+
+def checkpassword_argvs(r):
+    """The command line of every checkpassword run, as the server would exec it."""
+    return [q.argv for q in r.requests if type(q) is rq.CheckPassword]
+
+
+AUTH_PLUGIN = b"/var/qmail/plugins/authplug"
+
+
+def auth_hook(home, output=b""):
+    """An [auth] qmail-spp plugin listed in control/smtpplugins; output is what it
+    prints (bytes, or a function of its environment).  Returns the world's plugins."""
+    home.control("smtpplugins", b"[auth]\n" + AUTH_PLUGIN + b"\n")
+    return {AUTH_PLUGIN: Plugin(output)}
+
+
+def hook_calls(r):
+    """"$SMTPAUTHUSER $SMTPAUTHMETHOD" of every run of the [auth] plugin."""
+    return ["%s %s" % (env.get(b"SMTPAUTHUSER", b"").decode(),
+                       env.get(b"SMTPAUTHMETHOD", b"").decode())
+            for argv, env in r.plugin_runs if argv == (AUTH_PLUGIN,)]
+
+
+# ------------------------------------------------------------------ the real fake
+
+CHECKPW_SCRIPT = r'''#!%(python)s -IS
 # fake checkpassword written by t/test_auth.py
 import hashlib, hmac, json, os, sys
 RECORDS = %(records)r
@@ -159,7 +264,7 @@ class CheckPw:
         self.path = os.path.join(home.path, "plugins", "checkpw")
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(self.path, "w") as f:
-            f.write(CHECKPW % {"python": sys.executable, "records": self.records})
+            f.write(CHECKPW_SCRIPT % {"python": sys.executable, "records": self.records})
         os.chmod(self.path, 0o755)
 
     def calls(self):
@@ -184,35 +289,19 @@ def make_auth_home(root, control=None):
 
 @pytest.fixture
 def ahome(home):
-    """(home, checkpw): the default qmail home with the fake checkpassword."""
+    """(home, checkpw): the default qmail home with the real fake checkpassword."""
     return home, CheckPw(home)
 
 
 def auth(input_bytes, ahome, smtpauth="", args=None, env=None, **kw):
-    """run_smtp with SMTPAUTH (None: unset) and the checkpassword command line
-    (default: checkpw /bin/true)."""
+    """run_smtp (the installed server) with SMTPAUTH (None: unset) and the
+    checkpassword command line (default: checkpw /bin/true)."""
     home, checkpw = ahome
     e = {"SMTPAUTH": smtpauth}
     e.update(env or {})
     if args is None:
         args = [checkpw.path, "/bin/true"]
     return run_smtp(input_bytes, env=e, home=home, args=args, **kw)
-
-
-def auth_plugin(home, body="", name="authplug"):
-    """An [auth] qmail-spp plugin that appends "$SMTPAUTHUSER $SMTPAUTHMETHOD" to
-    home/auth-hook, then runs BODY; control/smtpplugins lists it."""
-    log = os.path.join(home.root, "auth-hook")
-    path = script(home, name, 'echo "$SMTPAUTHUSER $SMTPAUTHMETHOD" >> "%s"\n%s' % (log, body))
-    home.control("smtpplugins", "[auth]\n%s\n" % path)
-
-    def calls():
-        if not os.path.exists(log):
-            return []
-        with open(log) as f:
-            return f.read().splitlines()
-
-    return calls
 
 
 class Conversation:
@@ -229,7 +318,6 @@ class Conversation:
                                       env=server_env(home, env), cwd=home.root,
                                       start_new_session=True)
         self.buf = b""
-        self.transcript = b""
 
     def __enter__(self):
         return self
@@ -266,7 +354,6 @@ class Conversation:
                     break
                 if end - pos < 4 or self.buf[pos + 3:pos + 4] == b" ":
                     reply, self.buf = self.buf[:end + 2], self.buf[end + 2:]
-                    self.transcript += reply
                     return reply
                 pos = end + 2
             left = deadline - time.monotonic()
@@ -292,16 +379,6 @@ class Conversation:
         status = self.p.wait(self.timeout)
         with open(self.err_path, "rb") as f:
             return rest, status, f.read()
-
-
-def cram_login(conv, user=b"joe", secret=b"secret"):
-    """AUTH CRAM-MD5 with a real HMAC-MD5 digest; returns (challenge, digest, reply)."""
-    first = conv.command(b"AUTH CRAM-MD5")
-    m = RE_CHALLENGE.fullmatch(first)
-    assert m, first
-    challenge = base64.b64decode(m.group(1), validate=True)
-    digest = cram_digest(challenge, secret)
-    return challenge, digest, conv.command(b64(user + b" " + digest))
 
 
 # ------------------------------------------------------------------ modes and EHLO
@@ -337,24 +414,23 @@ MODES = [
 
 
 @pytest.mark.parametrize("smtpauth, auth_line, required", MODES)
-def test_smtpauth_modes(ahome, smtpauth, auth_line, required):
+def test_smtpauth_modes(home, smtpauth, auth_line, required):
     """EHLO lines, whether AUTH is available (an unknown mechanism shows it: 504 when
     on, 503 when off) and whether MAIL needs AUTH first."""
-    out, status, _ = auth(crlf(b"EHLO c.test", b"AUTH NOSUCH", b"MAIL FROM:<a@b.c>", b"QUIT"),
-                          ahome, smtpauth)
-    assert out == (GREETING + ehlo(auth_line)
-                   + (UNIMPLEMENTED_TYPE if auth_line else NOT_AVAILABLE)
-                   + (REQUIRED if required else OK) + BYE)
-    assert status == 0
-    assert ahome[1].calls() == []
+    r = play(crlf(b"EHLO c.test", b"AUTH NOSUCH", b"MAIL FROM:<a@b.c>", b"QUIT"), home,
+             smtpauth)
+    assert r.out == (GREETING + ehlo(auth_line)
+                     + (UNIMPLEMENTED_TYPE if auth_line else NOT_AVAILABLE)
+                     + (REQUIRED if required else OK) + BYE)
+    assert r.status == 0
+    assert r.checkpassword == []
 
 
 @pytest.mark.parametrize("smtpauth", [None, "-"])
-def test_disabled_modes_refuse_every_mechanism(ahome, smtpauth):
-    out, _, _ = auth(crlf(b"AUTH LOGIN") + PLAIN_JOE + crlf(b"AUTH CRAM-MD5", b"QUIT"),
-                     ahome, smtpauth)
-    assert out == GREETING + NOT_AVAILABLE * 3 + BYE
-    assert ahome[1].calls() == []
+def test_disabled_modes_refuse_every_mechanism(home, smtpauth):
+    r = play(crlf(b"AUTH LOGIN") + PLAIN_JOE + crlf(b"AUTH CRAM-MD5", b"QUIT"), home, smtpauth)
+    assert r.out == GREETING + NOT_AVAILABLE * 3 + BYE
+    assert r.checkpassword == []
 
 
 @pytest.mark.parametrize("control, env, size", [
@@ -364,157 +440,130 @@ def test_disabled_modes_refuse_every_mechanism(ahome, smtpauth):
     ({}, {"DATABYTES": "4294967295"}, 4294967294),
 ])
 def test_ehlo_size_is_databytes(make_home, control, env, size):
-    home = make_home(control=control)
-    out, _, _ = auth(crlf(b"EHLO c.test", b"QUIT"), (home, CheckPw(home)), "", env=env)
-    assert out == GREETING + ehlo(LOGIN_PLAIN, size) + BYE
+    r = play(crlf(b"EHLO c.test", b"QUIT"), make_home(control=control), "", env=env)
+    assert r.out == GREETING + ehlo(LOGIN_PLAIN, size) + BYE
 
 
 def test_no_arguments_and_no_smtpauth_is_plain_notqmail(home):
     """No AUTH, no SIZE line, and MAIL parameters ignored (DECISIONS.md)."""
-    out, _, queued = run_smtp(
-        crlf(b"EHLO c.test", b"AUTH LOGIN", b"MAIL FROM:<a@b.c> SIZE=99999 AUTH=joe",
-             b"RCPT TO:<u@example.com>") + MESSAGE + crlf(b"QUIT"),
-        home=home, env={"DATABYTES": "100"})
-    assert norm(out) == (GREETING
-                         + b"250-mx.example.org\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
-                         + b"502 unimplemented (#5.5.1)\r\n" + OK + OK + GO_AHEAD + ACCEPTED
-                         + BYE)
-    assert norm(queued[0].received) == RECEIVED_PLAIN
+    r = play(crlf(b"EHLO c.test", b"AUTH LOGIN", b"MAIL FROM:<a@b.c> SIZE=99999 AUTH=joe",
+                  b"RCPT TO:<u@example.com>") + MESSAGE + crlf(b"QUIT"),
+             home, None, args=(), env={"DATABYTES": "100"})
+    assert norm(r.out) == (GREETING
+                           + b"250-mx.example.org\r\n250-PIPELINING\r\n250 8BITMIME\r\n"
+                           + UNIMPLEMENTED + OK + OK + GO_AHEAD + ACCEPTED + BYE)
+    assert norm(r.queued[0].received) == RECEIVED_PLAIN
 
 
-def test_smtpauth_without_checkpassword_is_503(ahome):
+def test_smtpauth_without_checkpassword_is_503(home):
     """SMTPAUTH set but no command line: the patch's EHLO, and AUTH not available."""
-    out, _, _ = auth(crlf(b"EHLO c.test", b"AUTH LOGIN") + PLAIN_JOE + crlf(b"QUIT"),
-                     ahome, "", args=[])
-    assert out == GREETING + ehlo(LOGIN_PLAIN) + NOT_AVAILABLE * 2 + BYE
+    r = play(crlf(b"EHLO c.test", b"AUTH LOGIN") + PLAIN_JOE + crlf(b"QUIT"), home, "", args=[])
+    assert r.out == GREETING + ehlo(LOGIN_PLAIN) + NOT_AVAILABLE * 2 + BYE
+    assert r.checkpassword == []
 
 
 # ------------------------------------------------------------------ LOGIN and PLAIN
 
 
-def test_login_with_prompts_then_relaying(ahome):
-    home, checkpw = ahome
-    out, status, queued = auth(
-        crlf(b"EHLO c.test") + LOGIN_JOE
-        + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>") + MESSAGE + crlf(b"QUIT"),
-        ahome)
-    assert norm(out) == (GREETING + ehlo(LOGIN_PLAIN) + LOGIN_DIALOGUE + OK + OK + GO_AHEAD
-                         + ACCEPTED + BYE)
-    assert status == 0
-    assert checkpw.fd3() == [b"joe\0secret\0"]
-    (msg,) = queued
+def test_login_with_prompts_then_relaying(home):
+    r = play(crlf(b"EHLO c.test") + LOGIN_JOE
+             + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>") + MESSAGE
+             + crlf(b"QUIT"), home)
+    assert norm(r.out) == (GREETING + ehlo(LOGIN_PLAIN) + LOGIN_DIALOGUE + OK + OK + GO_AHEAD
+                           + ACCEPTED + BYE)
+    assert r.status == 0
+    assert r.checkpassword == [b"joe\0secret\0"]
+    assert checkpassword_argvs(r) == [(CHECKPW.encode(), b"/bin/true")]
+    (msg,) = r.queued
     assert msg.envelope == b"Fa@b.c\0Tx@elsewhere.org\0\0"
     assert norm(msg.received) == RECEIVED_AUTH
 
 
-def test_login_with_initial_response(ahome):
-    out, _, _ = auth(crlf(b"AUTH LOGIN " + b64(b"joe"), b64(b"secret"), b"QUIT"), ahome)
-    assert out == GREETING + PASSWORD_PROMPT + AUTH_OK + BYE
-    assert ahome[1].fd3() == [b"joe\0secret\0"]
+def test_login_with_initial_response(home):
+    r = play(crlf(b"AUTH LOGIN " + b64(b"joe"), b64(b"secret"), b"QUIT"), home)
+    assert r.out == GREETING + PASSWORD_PROMPT + AUTH_OK + BYE
+    assert r.checkpassword == [b"joe\0secret\0"]
 
 
-def test_mechanism_name_is_case_insensitive(ahome):
-    out, _, _ = auth(crlf(b"auth LoGiN", b64(b"joe"), b64(b"secret"), b"QUIT"), ahome)
-    assert out == GREETING + LOGIN_DIALOGUE + BYE
+def test_mechanism_name_is_case_insensitive(home):
+    r = play(crlf(b"auth LoGiN", b64(b"joe"), b64(b"secret"), b"QUIT"), home)
+    assert r.out == GREETING + LOGIN_DIALOGUE + BYE
 
 
-def test_plain_with_prompt(ahome):
-    out, _, _ = auth(crlf(b"AUTH PLAIN", b64(b"\0joe\0secret"), b"QUIT"), ahome)
-    assert out == GREETING + PLAIN_PROMPT + AUTH_OK + BYE
-    assert ahome[1].fd3() == [b"joe\0secret\0"]
+def test_plain_with_prompt(home):
+    r = play(crlf(b"AUTH PLAIN", b64(b"\0joe\0secret"), b"QUIT"), home)
+    assert r.out == GREETING + PLAIN_PROMPT + AUTH_OK + BYE
+    assert r.checkpassword == [b"joe\0secret\0"]
 
 
-def test_plain_with_initial_response(ahome):
-    out, _, _ = auth(PLAIN_JOE + crlf(b"QUIT"), ahome)
-    assert out == GREETING + AUTH_OK + BYE
-    assert ahome[1].fd3() == [b"joe\0secret\0"]
+def test_plain_with_initial_response(home):
+    r = play(PLAIN_JOE + crlf(b"QUIT"), home)
+    assert r.out == GREETING + AUTH_OK + BYE
+    assert r.checkpassword == [b"joe\0secret\0"]
 
 
-def test_plain_authzid_is_ignored(ahome):
-    out, _, _ = auth(crlf(b"AUTH PLAIN " + b64(b"admin\0joe\0secret"), b"QUIT"), ahome)
-    assert out == GREETING + AUTH_OK + BYE
-    assert ahome[1].fd3() == [b"joe\0secret\0"]
+def test_plain_authzid_is_ignored(home):
+    r = play(crlf(b"AUTH PLAIN " + b64(b"admin\0joe\0secret"), b"QUIT"), home)
+    assert r.out == GREETING + AUTH_OK + BYE
+    assert r.checkpassword == [b"joe\0secret\0"]
 
 
 @pytest.mark.parametrize("smtpauth, mechanism", [
     ("+cram", LOGIN_JOE), ("!+cram", LOGIN_JOE), ("cram", PLAIN_JOE), ("!cram", PLAIN_JOE),
     ("+CRAM", PLAIN_JOE),
 ])
-def test_fd3_has_an_empty_challenge_when_cram_is_enabled(ahome, smtpauth, mechanism):
+def test_fd3_has_an_empty_challenge_when_cram_is_enabled(home, smtpauth, mechanism):
     """LOGIN/PLAIN pass user\\0password\\0 plus an empty challenge \\0 when SMTPAUTH
     enables CRAM-MD5 (every mechanism is accepted whatever SMTPAUTH advertises)."""
-    out, _, _ = auth(mechanism + crlf(b"QUIT"), ahome, smtpauth)
-    assert out.endswith(AUTH_OK + BYE)
-    assert ahome[1].fd3() == [b"joe\0secret\0\0"]
+    r = play(mechanism + crlf(b"QUIT"), home, smtpauth)
+    assert r.out.endswith(AUTH_OK + BYE)
+    assert r.checkpassword == [b"joe\0secret\0\0"]
 
 
 @pytest.mark.parametrize("smtpauth", ["", "!", "yes"])
-def test_fd3_has_no_challenge_without_cram(ahome, smtpauth):
-    out, _, _ = auth(LOGIN_JOE + crlf(b"QUIT"), ahome, smtpauth)
-    assert out.endswith(AUTH_OK + BYE)
-    assert ahome[1].fd3() == [b"joe\0secret\0"]
+def test_fd3_has_no_challenge_without_cram(home, smtpauth):
+    r = play(LOGIN_JOE + crlf(b"QUIT"), home, smtpauth)
+    assert r.out.endswith(AUTH_OK + BYE)
+    assert r.checkpassword == [b"joe\0secret\0"]
 
 
-def test_checkpassword_gets_its_subprogram_dev_null_stdin_and_the_log_as_stdout(ahome):
-    home, checkpw = ahome
-    marker = os.path.join(home.root, "subprogram-ran")
-    result = auth(crlf(b"NOOP") + LOGIN_JOE + crlf(b"NOOP", b"QUIT"), ahome,
-                  args=[checkpw.path, "/bin/sh", "-c", 'echo "$0 $1" > "%s"' % marker,
-                        "arg0", "arg1"])
-    assert result.out == GREETING + OK + LOGIN_DIALOGUE + OK + BYE
-    ((fd3, info),) = checkpw.calls()
-    assert info == {"argv": ["/bin/sh", "-c", 'echo "$0 $1" > "%s"' % marker, "arg0", "arg1"],
-                    "stdin": ""}
-    with open(marker) as f:
-        assert f.read() == "arg0 arg1\n"
-    assert b"checkpw-stdout-marker" in result.err
-
-
-def test_checkpassword_found_on_path(ahome):
-    """The command line is run like execvp: a bare name is looked up in PATH. (Only
-    in the old form: a first argument that is not an absolute path is the HOSTNAME.)"""
-    home, checkpw = ahome
-    out, _, _ = auth(LOGIN_JOE + crlf(b"QUIT"), ahome,
-                     args=["mail.host.example", "checkpw", "/bin/true"],
-                     env={"PATH": os.path.dirname(checkpw.path) + ":/usr/bin:/bin"})
-    assert out == GREETING + LOGIN_DIALOGUE + BYE
-    assert checkpw.fd3() == [b"joe\0secret\0"]
+def test_checkpassword_command_line_is_passed_whole(home):
+    """The whole command line after the program (the subprogram and its arguments)
+    is what checkpassword is run with, once per AUTH, with the session's environment."""
+    args = (CHECKPW, "/bin/sh", "-c", 'echo "$0 $1" > marker', "arg0", "arg1")
+    r = play(crlf(b"NOOP") + LOGIN_JOE + crlf(b"NOOP", b"QUIT"), home, args=args)
+    assert r.out == GREETING + OK + LOGIN_DIALOGUE + OK + BYE
+    assert checkpassword_argvs(r) == [tuple(os.fsencode(a) for a in args)]
+    assert r.checkpassword == [b"joe\0secret\0"]
+    (env,) = r.checkpassword_envs
+    assert env[b"TCPREMOTEIP"] == b"127.0.0.1" and env[b"SMTPAUTH"] == b""
 
 
 # ------------------------------------------------------------------ CRAM-MD5
 
 
 @pytest.mark.parametrize("smtpauth", ["cram", "+cram", "!cram", "!+cram"])
-def test_cram_md5_with_a_real_digest(ahome, smtpauth):
-    home, checkpw = ahome
-    with Conversation(home, env={"SMTPAUTH": smtpauth}, args=[checkpw.path, "/bin/true"]) as c:
-        assert c.reply() == GREETING
-        start = int(time.time())
-        challenge, digest, reply = cram_login(c)
-        assert reply == AUTH_OK
-        assert c.command(b"MAIL FROM:<a@b.c>") == OK
-        assert c.command(b"RCPT TO:<x@elsewhere.org>") == OK
-        pid = c.p.pid
-        rest, status, _ = c.finish()
-    m = re.fullmatch(rb"<(\d+)\.(\d+)@mx\.test>", challenge)
-    assert m, challenge
-    assert int(m.group(1)) == pid
-    assert start - 5 <= int(m.group(2)) <= time.time() + 5
-    assert checkpw.fd3() == [b"joe\0" + digest + b"\0" + challenge + b"\0"]
-    assert (rest, status) == (b"", 1)
+def test_cram_md5_with_a_real_digest(home, smtpauth):
+    """The challenge is <pid.time@host> of the session's pid and the clock; the client
+    answers with an HMAC-MD5 digest of it, checkpassword gets user, digest, challenge."""
+    r = play([crlf(b"AUTH CRAM-MD5"), cram_answer(),
+              crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>")], home, smtpauth,
+             pid=4321, now=1700000000.75)
+    challenge = challenge_of(r.out)
+    assert challenge == b"<4321.1700000000@mx.test>"
+    assert r.out == GREETING + b"334 " + b64(challenge) + b"\r\n" + AUTH_OK + OK + OK
+    assert r.checkpassword == [b"joe\0" + cram_digest(challenge) + b"\0" + challenge + b"\0"]
+    assert r.status == 1  # the input ended without QUIT
 
 
-def test_cram_md5_accepted_but_no_challenge_on_fd3_without_cram_mode(ahome):
+def test_cram_md5_accepted_but_no_challenge_on_fd3_without_cram_mode(home):
     """CRAM-MD5 works although SMTPAUTH only advertises LOGIN PLAIN, and then fd 3
-    carries no challenge (the fake accepts user `anyone` without checking)."""
-    home, checkpw = ahome
-    with Conversation(home, env={"SMTPAUTH": ""}, args=[checkpw.path, "/bin/true"]) as c:
-        assert c.reply() == GREETING
-        challenge, digest, reply = cram_login(c, user=b"anyone")
-        assert reply == AUTH_OK
-        c.finish()
+    carries no challenge (checkpw accepts user `anyone` without checking)."""
+    r = play([crlf(b"AUTH CRAM-MD5"), cram_answer(user=b"anyone")], home, "")
+    challenge = challenge_of(r.out)
+    assert r.out == GREETING + b"334 " + b64(challenge) + b"\r\n" + AUTH_OK
     assert re.fullmatch(rb"<\d+\.\d+@mx\.test>", challenge)
-    assert checkpw.fd3() == [b"anyone\0" + digest + b"\0"]
+    assert r.checkpassword == [b"anyone\0" + cram_digest(challenge) + b"\0"]
 
 
 @pytest.mark.parametrize("env, host", [
@@ -522,46 +571,45 @@ def test_cram_md5_accepted_but_no_challenge_on_fd3_without_cram_mode(ahome):
     ({"TCPLOCALHOST": None}, b"127.0.0.1"),
     ({"TCPLOCALHOST": None, "TCPLOCALIP": None}, b"unknown"),
 ])
-def test_cram_challenge_host(ahome, env, host):
-    out, _, _ = auth(crlf(b"AUTH CRAM-MD5", b"*", b"QUIT"), ahome, "cram", env=env)
-    m = RE_CHALLENGE.search(out)
-    assert out == GREETING + m.group(0) + CANCELED + BYE
+def test_cram_challenge_host(home, env, host):
+    r = play(crlf(b"AUTH CRAM-MD5", b"*", b"QUIT"), home, "cram", env=env)
+    m = RE_CHALLENGE.search(r.out)
+    assert r.out == GREETING + m.group(0) + CANCELED + BYE
     assert re.fullmatch(rb"<\d+\.\d+@" + re.escape(host) + rb">", base64.b64decode(m.group(1)))
 
 
-def test_old_hostname_form_puts_the_host_in_the_challenge(ahome):
+def test_old_hostname_form_puts_the_host_in_the_challenge(home):
     """`qmail-smtpd-py HOSTNAME /path/checkpassword subprogram` (A3 command line)."""
-    home, checkpw = ahome
-    args = ["mail.host.example", checkpw.path, "/bin/true"]
-    with Conversation(home, env={"SMTPAUTH": "+cram"}, args=args) as c:
-        assert c.reply() == GREETING
-        challenge, digest, reply = cram_login(c)
-        assert reply == AUTH_OK
-        c.finish()
+    r = play([crlf(b"AUTH CRAM-MD5"), cram_answer()], home, "+cram",
+             args=["mail.host.example", CHECKPW, "/bin/true"])
+    challenge = challenge_of(r.out)
+    assert r.out.endswith(AUTH_OK)
     assert re.fullmatch(rb"<\d+\.\d+@mail\.host\.example>", challenge)
-    assert checkpw.fd3() == [b"joe\0" + digest + b"\0" + challenge + b"\0"]
+    assert r.checkpassword == [b"joe\0" + cram_digest(challenge) + b"\0" + challenge + b"\0"]
+    assert checkpassword_argvs(r) == [(CHECKPW.encode(), b"/bin/true")]
 
 
-def test_old_hostname_form_login(ahome):
-    home, checkpw = ahome
-    out, _, _ = auth(crlf(b"EHLO c.test") + LOGIN_JOE + crlf(b"QUIT"), ahome, "",
-                     args=["mail.host.example", checkpw.path, "/bin/true"])
-    assert out == GREETING + ehlo(LOGIN_PLAIN) + LOGIN_DIALOGUE + BYE
-    assert checkpw.fd3() == [b"joe\0secret\0"]
+def test_old_hostname_form_login(home):
+    r = play(crlf(b"EHLO c.test") + LOGIN_JOE + crlf(b"QUIT"), home, "",
+             args=["mail.host.example", CHECKPW, "/bin/true"])
+    assert r.out == GREETING + ehlo(LOGIN_PLAIN) + LOGIN_DIALOGUE + BYE
+    assert r.checkpassword == [b"joe\0secret\0"]
+    assert checkpassword_argvs(r) == [(CHECKPW.encode(), b"/bin/true")]
 
 
-def test_cram_response_is_split_at_the_last_space(ahome):
-    """0.8.3 takes everything before the last space as the user name (the fake
+def test_cram_response_is_split_at_the_last_space(home):
+    """0.8.3 takes everything before the last space as the user name (checkpw
     accepts users starting with `anyone` whatever the digest)."""
-    out, _, _ = auth(crlf(b"AUTH CRAM-MD5", b64(b"anyone else " + b"0" * 32), b"QUIT"), ahome)
-    assert RE_CHALLENGE.sub(b"334 <C>\r\n", out) == GREETING + b"334 <C>\r\n" + AUTH_OK + BYE
-    assert ahome[1].fd3() == [b"anyone else\0" + b"0" * 32 + b"\0"]
+    r = play(crlf(b"AUTH CRAM-MD5", b64(b"anyone else " + b"0" * 32), b"QUIT"), home)
+    assert RE_CHALLENGE.sub(b"334 <C>\r\n", r.out) == GREETING + b"334 <C>\r\n" + AUTH_OK + BYE
+    assert r.checkpassword == [b"anyone else\0" + b"0" * 32 + b"\0"]
 
 
-def test_cram_response_without_a_space_is_malformed(ahome):
-    out, _, _ = auth(crlf(b"AUTH CRAM-MD5", b64(b"joe" + b"0" * 32), b"QUIT"), ahome, "cram")
-    assert RE_CHALLENGE.sub(b"334 <C>\r\n", out) == GREETING + b"334 <C>\r\n" + MALFORMED + BYE
-    assert ahome[1].calls() == []
+def test_cram_response_without_a_space_is_malformed(home):
+    r = play(crlf(b"AUTH CRAM-MD5", b64(b"joe" + b"0" * 32), b"QUIT"), home, "cram")
+    assert RE_CHALLENGE.sub(b"334 <C>\r\n", r.out) == (GREETING + b"334 <C>\r\n" + MALFORMED
+                                                       + BYE)
+    assert r.checkpassword == []
 
 
 # ------------------------------------------------------------------ cancel and bad input
@@ -574,14 +622,14 @@ def test_cram_response_without_a_space_is_malformed(ahome):
     (crlf(b"AUTH PLAIN", b"*"), PLAIN_PROMPT),
     (crlf(b"AUTH CRAM-MD5", b"*"), b"334 <C>\r\n"),
 ])
-def test_star_cancels(ahome, dialogue, prompts):
+def test_star_cancels(home, dialogue, prompts):
     """`*` cancels: 501, checkpassword never runs, the session is not authenticated."""
-    out, status, _ = auth(dialogue + crlf(b"NOOP", b"MAIL FROM:<a@b.c>",
-                                          b"RCPT TO:<x@elsewhere.org>", b"QUIT"), ahome, "+cram")
-    assert RE_CHALLENGE.sub(b"334 <C>\r\n", out) == (GREETING + prompts + CANCELED + OK + OK
-                                                     + NOGATEWAY + BYE)
-    assert status == 0
-    assert ahome[1].calls() == []
+    r = play(dialogue + crlf(b"NOOP", b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>",
+                             b"QUIT"), home, "+cram")
+    assert RE_CHALLENGE.sub(b"334 <C>\r\n", r.out) == (GREETING + prompts + CANCELED + OK + OK
+                                                       + NOGATEWAY + BYE)
+    assert r.status == 0
+    assert r.checkpassword == []
 
 
 @pytest.mark.parametrize("dialogue, prompts", [
@@ -591,10 +639,10 @@ def test_star_cancels(ahome, dialogue, prompts):
     (crlf(b"AUTH CRAM-MD5", b""), b"334 <C>\r\n"),
     (b"AUTH LOGIN\r\n\n", USER_PROMPT),  # a bare LF ends the (empty) line too
 ])
-def test_empty_response_is_malformed(ahome, dialogue, prompts):
-    out, _, _ = auth(dialogue + crlf(b"NOOP", b"QUIT"), ahome, "+cram")
-    assert RE_CHALLENGE.sub(b"334 <C>\r\n", out) == GREETING + prompts + MALFORMED + OK + BYE
-    assert ahome[1].calls() == []
+def test_empty_response_is_malformed(home, dialogue, prompts):
+    r = play(dialogue + crlf(b"NOOP", b"QUIT"), home, "+cram")
+    assert RE_CHALLENGE.sub(b"334 <C>\r\n", r.out) == GREETING + prompts + MALFORMED + OK + BYE
+    assert r.checkpassword == []
 
 
 @pytest.mark.parametrize("dialogue, prompts", [
@@ -606,81 +654,99 @@ def test_empty_response_is_malformed(ahome, dialogue, prompts):
     (crlf(b"AUTH LOGIN", b"====", b64(b"secret")), USER_PROMPT + PASSWORD_PROMPT),
     (crlf(b"AUTH LOGIN " + b64(b"joe"), b"===="), PASSWORD_PROMPT),
 ])
-def test_missing_user_or_password_is_malformed(ahome, dialogue, prompts):
-    out, _, _ = auth(dialogue + crlf(b"NOOP", b"QUIT"), ahome)
-    assert out == GREETING + prompts + MALFORMED + OK + BYE
-    assert ahome[1].calls() == []
+def test_missing_user_or_password_is_malformed(home, dialogue, prompts):
+    r = play(dialogue + crlf(b"NOOP", b"QUIT"), home)
+    assert r.out == GREETING + prompts + MALFORMED + OK + BYE
+    assert r.checkpassword == []
 
 
 @pytest.mark.parametrize("line", [b"AUTH", b"AUTH DIGEST-MD5", b"AUTH LOGINX", b"AUTH XOAUTH2 abc",
                                   b"AUTH CRAM-MD5X"])
-def test_unknown_mechanism_is_504(ahome, line):
-    out, _, _ = auth(crlf(line, b"NOOP", b"QUIT"), ahome, "+cram")
-    assert out == GREETING + UNIMPLEMENTED_TYPE + OK + BYE
+def test_unknown_mechanism_is_504(home, line):
+    r = play(crlf(line, b"NOOP", b"QUIT"), home, "+cram")
+    assert r.out == GREETING + UNIMPLEMENTED_TYPE + OK + BYE
 
 
-def test_auth_twice(ahome):
-    out, _, _ = auth(PLAIN_JOE + LOGIN_JOE + crlf(b"QUIT"), ahome)
+def test_auth_twice(home):
+    r = play(PLAIN_JOE + LOGIN_JOE + crlf(b"QUIT"), home)
     # the second AUTH is refused at once; its two answer lines are then unknown verbs
-    assert out == (GREETING + AUTH_OK + ALREADY + b"502 unimplemented (#5.5.1)\r\n" * 2 + BYE)
-    assert len(ahome[1].calls()) == 1
+    assert r.out == GREETING + AUTH_OK + ALREADY + UNIMPLEMENTED * 2 + BYE
+    assert len(r.checkpassword) == 1
 
 
-def test_auth_during_a_transaction(ahome):
-    out, _, queued = auth(
-        crlf(b"MAIL FROM:<a@b.c>") + PLAIN_JOE + crlf(b"RCPT TO:<x@elsewhere.org>", b"RSET")
-        + PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>") + MESSAGE
-        + crlf(b"QUIT"), ahome)
-    assert norm(out) == (GREETING + OK + DURING_MAIL + NOGATEWAY + FLUSHED + AUTH_OK + OK + OK
-                         + GO_AHEAD + ACCEPTED + BYE)
-    assert len(ahome[1].calls()) == 1
-    assert queued[0].recipients == [b"x@elsewhere.org"]
+def test_auth_during_a_transaction(home):
+    r = play(crlf(b"MAIL FROM:<a@b.c>") + PLAIN_JOE + crlf(b"RCPT TO:<x@elsewhere.org>", b"RSET")
+             + PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>") + MESSAGE
+             + crlf(b"QUIT"), home)
+    assert norm(r.out) == (GREETING + OK + DURING_MAIL + NOGATEWAY + FLUSHED + AUTH_OK + OK + OK
+                           + GO_AHEAD + ACCEPTED + BYE)
+    assert len(r.checkpassword) == 1
+    assert r.queued[0].recipients == [b"x@elsewhere.org"]
 
 
-def test_auth_after_a_delivered_message_is_allowed(ahome):
-    out, _, _ = auth(crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<u@example.com>") + MESSAGE
-                     + PLAIN_JOE + crlf(b"QUIT"), ahome)
-    assert norm(out) == GREETING + OK + OK + GO_AHEAD + ACCEPTED + AUTH_OK + BYE
+def test_auth_after_a_delivered_message_is_allowed(home):
+    r = play(crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<u@example.com>") + MESSAGE
+             + PLAIN_JOE + crlf(b"QUIT"), home)
+    assert norm(r.out) == GREETING + OK + OK + GO_AHEAD + ACCEPTED + AUTH_OK + BYE
 
 
-def test_checkpassword_killed_is_454(ahome):
-    home, checkpw = ahome
-    result = auth(PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>", b"RSET")
-                  + PLAIN_JOE + crlf(b"QUIT"),
-                  ahome, args=[checkpw.path, "/bin/sh", "-c", "kill -KILL $$"])
-    assert result.out == GREETING + CHILD_PROBLEM + OK + NOGATEWAY + FLUSHED + CHILD_PROBLEM + BYE
-    assert result.status == 0
-    assert checkpw.fd3() == [b"joe\0secret\0"] * 2
+# ------------------------------------------------------------------ child failures: 454
+
+
+def test_checkpassword_killed_is_454(home):
+    """A checkpassword (here its subprogram) killed by a signal: 454, no pause, nothing
+    granted, and the client may try again."""
+    r = play(PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>", b"RSET")
+             + PLAIN_JOE + crlf(b"QUIT"),
+             home, args=[CHECKPW, "/bin/sh", "-c", "kill -KILL $$"], then=rq.Signaled(9))
+    assert r.out == GREETING + CHILD_PROBLEM + OK + NOGATEWAY + FLUSHED + CHILD_PROBLEM + BYE
+    assert r.status == 0
+    assert r.checkpassword == [b"joe\0secret\0"] * 2
+    assert not any(line.startswith("slept") for line in r.log)
+
+
+@pytest.mark.parametrize("outcome, reply", [
+    (rq.Signaled(11), CHILD_PROBLEM),
+    (rq.WaitFailed("No child processes"), CHILD_PROBLEM),
+    (rq.CannotStart(rq.FORK, "Resource temporarily unavailable"),
+     b"454 oops, child won't start and I can't auth (#4.3.0)\r\n"),
+    (rq.CannotStart(rq.PIPE, "Too many open files"),
+     b"454 oops, unable to open pipe and I can't auth (#4.3.0)\r\n"),
+    (rq.WRITE_FAILED, b"454 oops, unable to write pipe and I can't auth (#4.3.0)\r\n"),
+])
+def test_checkpassword_that_cannot_be_run_properly_is_454(home, outcome, reply):
+    r = play(PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>", b"QUIT"),
+             home, checkpassword=lambda data: outcome)
+    assert r.out == GREETING + reply + OK + NOGATEWAY + BYE
+    assert r.status == 0
+    assert not any(line.startswith("slept") for line in r.log)
 
 
 # ------------------------------------------------------------------ required modes, RSET
 
 
-def test_required_mode_530_then_auth_then_rset(ahome):
-    out, _, queued = auth(
-        crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<u@example.com>") + LOGIN_JOE
-        + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>") + MESSAGE
-        + crlf(b"MAIL FROM:<a@b.c>", b"RSET", b"MAIL FROM:<a@b.c>")
-        + PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"QUIT"),
-        ahome, "!")
-    assert norm(out) == (GREETING + REQUIRED + b"503 MAIL first (#5.5.1)\r\n" + LOGIN_DIALOGUE
-                         + OK + OK + GO_AHEAD + ACCEPTED
-                         + OK + FLUSHED + REQUIRED
-                         + AUTH_OK + OK + BYE)
+def test_required_mode_530_then_auth_then_rset(home):
+    r = play(crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<u@example.com>") + LOGIN_JOE
+             + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>") + MESSAGE
+             + crlf(b"MAIL FROM:<a@b.c>", b"RSET", b"MAIL FROM:<a@b.c>")
+             + PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"QUIT"),
+             home, "!")
+    assert norm(r.out) == (GREETING + REQUIRED + b"503 MAIL first (#5.5.1)\r\n" + LOGIN_DIALOGUE
+                           + OK + OK + GO_AHEAD + ACCEPTED
+                           + OK + FLUSHED + REQUIRED
+                           + AUTH_OK + OK + BYE)
     assert REQUIRED.endswith(b") \r\n")
-    assert len(queued) == 1
-    assert len(ahome[1].calls()) == 2
+    assert len(r.queued) == 1
+    assert len(r.checkpassword) == 2
 
 
-def test_rset_forgets_authenticated_but_relaying_stays(ahome):
-    out, _, queued = auth(
-        PLAIN_JOE + crlf(b"RSET", b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>")
-        + MESSAGE + crlf(b"RSET") + LOGIN_JOE + crlf(b"QUIT"),
-        ahome)
+def test_rset_forgets_authenticated_but_relaying_stays(home):
+    r = play(PLAIN_JOE + crlf(b"RSET", b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>")
+             + MESSAGE + crlf(b"RSET") + LOGIN_JOE + crlf(b"QUIT"), home)
     # after RSET AUTH is allowed again (no "already authenticated")
-    assert norm(out) == (GREETING + AUTH_OK + FLUSHED + OK + OK + GO_AHEAD + ACCEPTED + FLUSHED
-                         + LOGIN_DIALOGUE + BYE)
-    (msg,) = queued
+    assert norm(r.out) == (GREETING + AUTH_OK + FLUSHED + OK + OK + GO_AHEAD + ACCEPTED + FLUSHED
+                           + LOGIN_DIALOGUE + BYE)
+    (msg,) = r.queued
     assert msg.recipients == [b"x@elsewhere.org"]
     assert norm(msg.received) == (b"Received: from unknown (joe@127.0.0.1)\n"
                                   b"  by mx.test with ESMTPA; <DATE>\n")
@@ -689,82 +755,73 @@ def test_rset_forgets_authenticated_but_relaying_stays(ahome):
 # ------------------------------------------------------------------ what success grants
 
 
-def test_success_exports_tcpremoteinfo_and_relayclient_to_qmail_queue(ahome):
-    home, _ = ahome
-    queue = EnvQueue(home)
-    out, _, queued = auth(
-        crlf(b"EHLO c.test") + PLAIN_JOE
-        + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@other.org>") + MESSAGE + crlf(b"QUIT"),
-        ahome, env={"QMAILQUEUE": queue.path})
-    assert norm(out) == (GREETING + ehlo(LOGIN_PLAIN) + AUTH_OK + OK + OK + GO_AHEAD + ACCEPTED
-                         + BYE)
-    env = queue.text()
-    assert env["TCPREMOTEINFO"] == "joe"
-    assert env["RELAYCLIENT"] == ""
-    assert norm(queued[0].received) == RECEIVED_AUTH
+def test_success_exports_tcpremoteinfo_and_relayclient_to_qmail_queue(home):
+    r = play(crlf(b"EHLO c.test") + PLAIN_JOE
+             + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@other.org>") + MESSAGE + crlf(b"QUIT"),
+             home)
+    assert norm(r.out) == (GREETING + ehlo(LOGIN_PLAIN) + AUTH_OK + OK + OK + GO_AHEAD
+                           + ACCEPTED + BYE)
+    (env,) = r.queue_envs
+    assert env[b"TCPREMOTEINFO"] == b"joe"
+    assert env[b"RELAYCLIENT"] == b""
+    assert norm(r.queued[0].received) == RECEIVED_AUTH
 
 
-def test_no_export_before_auth(ahome):
-    home, _ = ahome
-    queue = EnvQueue(home)
-    out, _, queued = auth(crlf(b"HELO c.test", b"MAIL FROM:<a@b.c>", b"RCPT TO:<u@example.com>")
-                          + MESSAGE + crlf(b"QUIT"), ahome, env={"QMAILQUEUE": queue.path})
-    assert norm(out) == GREETING + HELO + OK + OK + GO_AHEAD + ACCEPTED + BYE
-    env = queue.text()
-    assert "TCPREMOTEINFO" not in env
-    assert "RELAYCLIENT" not in env
-    assert norm(queued[0].received) == RECEIVED_PLAIN
+def test_no_export_before_auth(home):
+    r = play(crlf(b"HELO c.test", b"MAIL FROM:<a@b.c>", b"RCPT TO:<u@example.com>") + MESSAGE
+             + crlf(b"QUIT"), home)
+    assert norm(r.out) == GREETING + HELO + OK + OK + GO_AHEAD + ACCEPTED + BYE
+    (env,) = r.queue_envs
+    assert b"TCPREMOTEINFO" not in env
+    assert b"RELAYCLIENT" not in env
+    assert norm(r.queued[0].received) == RECEIVED_PLAIN
 
 
-def test_auth_replaces_a_relayclient_suffix(ahome):
+def test_auth_replaces_a_relayclient_suffix(home):
     """Success sets RELAYCLIENT to empty: recipients no longer get the old suffix."""
-    out, _, queued = auth(
-        crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>") + MESSAGE
-        + PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<y@elsewhere.org>") + MESSAGE
-        + crlf(b"QUIT"),
-        ahome, env={"RELAYCLIENT": "+rc"})
-    assert norm(out) == (GREETING + OK + OK + GO_AHEAD + ACCEPTED + AUTH_OK + OK + OK + GO_AHEAD
-                         + ACCEPTED + BYE)
-    assert [m.recipients for m in queued] == [[b"x@elsewhere.org+rc"], [b"y@elsewhere.org"]]
+    r = play(crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>") + MESSAGE
+             + PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<y@elsewhere.org>") + MESSAGE
+             + crlf(b"QUIT"), home, env={"RELAYCLIENT": "+rc"})
+    assert norm(r.out) == (GREETING + OK + OK + GO_AHEAD + ACCEPTED + AUTH_OK + OK + OK
+                           + GO_AHEAD + ACCEPTED + BYE)
+    assert [m.recipients for m in r.queued] == [[b"x@elsewhere.org+rc"], [b"y@elsewhere.org"]]
 
 
-def test_auth_replaces_an_ident_remoteinfo(ahome):
-    out, _, queued = auth(PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<u@example.com>")
-                          + MESSAGE + crlf(b"QUIT"), ahome, env={"TCPREMOTEINFO": "identuser"})
-    assert norm(out).endswith(ACCEPTED + BYE)
-    assert b"(joe@127.0.0.1)" in queued[0].received
+def test_auth_replaces_an_ident_remoteinfo(home):
+    r = play(PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<u@example.com>") + MESSAGE
+             + crlf(b"QUIT"), home, env={"TCPREMOTEINFO": "identuser"})
+    assert norm(r.out).endswith(ACCEPTED + BYE)
+    assert b"(joe@127.0.0.1)" in r.queued[0].received
 
 
 # ------------------------------------------------------------------ MAIL parameters
 
 
-def test_mail_size_over_databytes_is_552_and_keeps_the_transaction(ahome):
-    out, _, queued = auth(
-        crlf(b"MAIL FROM:<a@b.c> SIZE=1000", b"RCPT TO:<u@example.com>",
-             b"MAIL FROM:<z@b.c> SIZE=1001", b"MAIL FROM:<z@b.c> BODY=8BITMIME size=5000",
-             b"RCPT TO:<v@example.com>") + MESSAGE + crlf(b"QUIT"),
-        ahome, env={"DATABYTES": "1000"})
-    assert norm(out) == (GREETING + OK + OK + TOO_BIG + TOO_BIG + OK + GO_AHEAD + ACCEPTED
-                         + BYE)
-    assert [m.envelope for m in queued] == [b"Fa@b.c\0Tu@example.com\0Tv@example.com\0\0"]
+def test_mail_size_over_databytes_is_552_and_keeps_the_transaction(home):
+    r = play(crlf(b"MAIL FROM:<a@b.c> SIZE=1000", b"RCPT TO:<u@example.com>",
+                  b"MAIL FROM:<z@b.c> SIZE=1001", b"MAIL FROM:<z@b.c> BODY=8BITMIME size=5000",
+                  b"RCPT TO:<v@example.com>") + MESSAGE + crlf(b"QUIT"),
+             home, env={"DATABYTES": "1000"})
+    assert norm(r.out) == (GREETING + OK + OK + TOO_BIG + TOO_BIG + OK + GO_AHEAD + ACCEPTED
+                           + BYE)
+    assert [m.envelope for m in r.queued] == [b"Fa@b.c\0Tu@example.com\0Tv@example.com\0\0"]
 
 
-def test_mail_size_first_transaction_refused(ahome):
-    out, _, _ = auth(crlf(b"MAIL FROM:<a@b.c> SIZE=5000", b"RCPT TO:<u@example.com>", b"QUIT"),
-                     ahome, env={"DATABYTES": "1000"})
-    assert out == GREETING + TOO_BIG + b"503 MAIL first (#5.5.1)\r\n" + BYE
+def test_mail_size_first_transaction_refused(home):
+    r = play(crlf(b"MAIL FROM:<a@b.c> SIZE=5000", b"RCPT TO:<u@example.com>", b"QUIT"), home,
+             env={"DATABYTES": "1000"})
+    assert r.out == GREETING + TOO_BIG + b"503 MAIL first (#5.5.1)\r\n" + BYE
 
 
-def test_mail_size_without_databytes_is_not_limited(ahome):
-    out, _, _ = auth(crlf(b"MAIL FROM:<a@b.c> SIZE=999999999999", b"QUIT"), ahome)
-    assert out == GREETING + OK + BYE
+def test_mail_size_without_databytes_is_not_limited(home):
+    r = play(crlf(b"MAIL FROM:<a@b.c> SIZE=999999999999", b"QUIT"), home)
+    assert r.out == GREETING + OK + BYE
 
 
-def test_mail_size_needs_a_closing_angle_bracket(ahome):
+def test_mail_size_needs_a_closing_angle_bracket(home):
     """The patch parses parameters only when the argument has a '>' (past byte 4)."""
-    out, _, _ = auth(crlf(b"MAIL FROM:a@b.c SIZE=5000", b"QUIT"), ahome,
-                     env={"DATABYTES": "1000"})
-    assert out == GREETING + OK + BYE
+    r = play(crlf(b"MAIL FROM:a@b.c SIZE=5000", b"QUIT"), home, env={"DATABYTES": "1000"})
+    assert r.out == GREETING + OK + BYE
 
 
 @pytest.mark.parametrize("param, info", [
@@ -772,39 +829,35 @@ def test_mail_size_needs_a_closing_angle_bracket(ahome):
     (b"AUTH=<>", b"unknown"),
     (b"auth=someone", b"someone"),
 ])
-def test_mail_auth_parameter_becomes_remoteinfo(ahome, param, info):
-    home, _ = ahome
-    queue = EnvQueue(home)
-    out, _, queued = auth(
-        crlf(b"HELO c.test", b"MAIL FROM:<a@b.c> " + param, b"RCPT TO:<u@example.com>")
-        + MESSAGE + crlf(b"QUIT"), ahome, env={"QMAILQUEUE": queue.path})
-    assert norm(out) == GREETING + HELO + OK + OK + GO_AHEAD + ACCEPTED + BYE
-    assert norm(queued[0].received) == (b"Received: from unknown (HELO c.test) ("
-                                        + info + b"@127.0.0.1)\n"
-                                        b"  by mx.test with SMTP; <DATE>\n")
-    assert queue.text()["TCPREMOTEINFO"] == info.decode()
+def test_mail_auth_parameter_becomes_remoteinfo(home, param, info):
+    r = play(crlf(b"HELO c.test", b"MAIL FROM:<a@b.c> " + param, b"RCPT TO:<u@example.com>")
+             + MESSAGE + crlf(b"QUIT"), home)
+    assert norm(r.out) == GREETING + HELO + OK + OK + GO_AHEAD + ACCEPTED + BYE
+    assert norm(r.queued[0].received) == (b"Received: from unknown (HELO c.test) ("
+                                          + info + b"@127.0.0.1)\n"
+                                          b"  by mx.test with SMTP; <DATE>\n")
+    assert r.queue_envs[0][b"TCPREMOTEINFO"] == info
 
 
-def test_mail_auth_parameter_does_not_override_auth_or_ident(ahome):
-    out, _, queued = auth(
-        PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c> AUTH=mallory", b"RCPT TO:<u@example.com>")
-        + MESSAGE + crlf(b"QUIT"), ahome)
-    assert norm(out).endswith(ACCEPTED + BYE)
-    assert b"(joe@127.0.0.1)" in queued[0].received
-    out, _, queued = auth(
-        crlf(b"MAIL FROM:<a@b.c> AUTH=mallory", b"RCPT TO:<u@example.com>") + MESSAGE
-        + crlf(b"QUIT"), ahome, env={"TCPREMOTEINFO": "ident"})
-    assert b"(ident@127.0.0.1)" in queued[0].received
+def test_mail_auth_parameter_does_not_override_auth_or_ident(home):
+    r = play(PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c> AUTH=mallory", b"RCPT TO:<u@example.com>")
+             + MESSAGE + crlf(b"QUIT"), home)
+    assert norm(r.out).endswith(ACCEPTED + BYE)
+    assert b"(joe@127.0.0.1)" in r.queued[0].received
+    r = play(crlf(b"MAIL FROM:<a@b.c> AUTH=mallory", b"RCPT TO:<u@example.com>") + MESSAGE
+             + crlf(b"QUIT"), home, env={"TCPREMOTEINFO": "ident"})
+    assert b"(ident@127.0.0.1)" in r.queued[0].received
 
 
 # ------------------------------------------------------------------ secrets and the log
 
 
-def test_credentials_not_in_the_log_on_success(ahome):
-    result = auth(LOGIN_JOE + PLAIN_JOE + crlf(b"QUIT"), ahome)
-    assert result.out == GREETING + LOGIN_DIALOGUE + ALREADY + BYE
+def test_credentials_not_in_the_log_on_success(home):
+    r = play(LOGIN_JOE + PLAIN_JOE + crlf(b"QUIT"), home)
+    assert r.out == GREETING + LOGIN_DIALOGUE + ALREADY + BYE
+    assert "auth method=login user=joe" in r.log
     for secret in (b"secret", b64(b"secret"), b64(b"\0joe\0secret")):
-        assert secret not in result.err
+        assert secret not in r.err
 
 
 # ------------------------------------------------------------------ qmail-spp [auth]
@@ -816,202 +869,343 @@ def test_credentials_not_in_the_log_on_success(ahome):
     (PLAIN_JOE, "plain"),
     (crlf(b"AUTH pLaIn", b64(b"\0joe\0secret")), "plain"),
 ])
-def test_auth_plugin_sees_user_and_method(ahome, dialogue, method):
-    home, _ = ahome
-    calls = auth_plugin(home)
-    out, _, _ = auth(dialogue + crlf(b"QUIT"), ahome)
-    assert out.endswith(AUTH_OK + BYE)
-    assert calls() == ["joe " + method]
+def test_auth_plugin_sees_user_and_method(home, dialogue, method):
+    plugins = auth_hook(home)
+    r = play(dialogue + crlf(b"QUIT"), home, plugins=plugins)
+    assert r.out.endswith(AUTH_OK + BYE)
+    assert hook_calls(r) == ["joe " + method]
 
 
-def test_auth_plugin_sees_cram_md5(ahome):
-    home, checkpw = ahome
-    calls = auth_plugin(home)
-    with Conversation(home, env={"SMTPAUTH": "cram"}, args=[checkpw.path, "/bin/true"]) as c:
-        assert c.reply() == GREETING
-        _, _, reply = cram_login(c)
-        assert reply == AUTH_OK
-        c.finish()
-    assert calls() == ["joe cram-md5"]
+def test_auth_plugin_sees_cram_md5(home):
+    plugins = auth_hook(home)
+    r = play([crlf(b"AUTH CRAM-MD5"), cram_answer(), crlf(b"QUIT")], home, "cram",
+             plugins=plugins)
+    assert r.out.endswith(AUTH_OK + BYE)
+    assert hook_calls(r) == ["joe cram-md5"]
 
 
-def test_auth_variables_reach_later_plugins(ahome):
-    home, _ = ahome
-    log = os.path.join(home.root, "mail-hook")
-    mail = script(home, "mailplug", 'echo "[$SMTPAUTHUSER][$SMTPAUTHMETHOD]" >> "%s"\n' % log)
-    home.control("smtpplugins", "[mail]\n%s\n" % mail)
-    out, _, _ = auth(crlf(b"MAIL FROM:<a@b.c>", b"RSET") + PLAIN_JOE
-                     + crlf(b"MAIL FROM:<a@b.c>", b"QUIT"), ahome)
-    assert out == GREETING + OK + FLUSHED + AUTH_OK + OK + BYE
-    with open(log) as f:
-        assert f.read() == "[][]\n[joe][plain]\n"
+def test_auth_variables_reach_later_plugins(home):
+    mail = b"/var/qmail/plugins/mailplug"
+    home.control("smtpplugins", b"[mail]\n" + mail + b"\n")
+    r = play(crlf(b"MAIL FROM:<a@b.c>", b"RSET") + PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"QUIT"),
+             home, plugins={mail: Plugin()})
+    assert r.out == GREETING + OK + FLUSHED + AUTH_OK + OK + BYE
+    assert [b"[%s][%s]" % (env.get(b"SMTPAUTHUSER", b""), env.get(b"SMTPAUTHMETHOD", b""))
+            for env in r.plugin_envs] == [b"[][]", b"[joe][plain]"]
 
 
-def test_auth_plugin_rejecting_leaves_the_session_unauthenticated(ahome):
+def test_auth_plugin_rejecting_leaves_the_session_unauthenticated(home):
     """E in [auth]: the plugin's text instead of 235, no relaying, no ESMTPA; the
     client may AUTH again (here the plugin lets the second attempt through)."""
-    home, _ = ahome
-    queue = EnvQueue(home)
-    once = os.path.join(home.root, "rejected-once")
-    calls = auth_plugin(home, '[ -e "%s" ] && exit 0\ntouch "%s"\necho "E535 5.7.0 not you"\n'
-                        % (once, once))
-    out, _, queued = auth(
-        PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>",
-                         b"RCPT TO:<u@example.com>") + MESSAGE
-        + PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>") + MESSAGE
-        + crlf(b"QUIT"),
-        ahome, env={"QMAILQUEUE": queue.path})
-    assert norm(out) == (GREETING + b"535 5.7.0 not you\r\n" + OK + NOGATEWAY + OK + GO_AHEAD
-                         + ACCEPTED + AUTH_OK + OK + OK + GO_AHEAD + ACCEPTED + BYE)
-    assert calls() == ["joe plain", "joe plain"]
-    first, second = queued
+    said = iter([b"E535 5.7.0 not you\n", b""])
+    plugins = auth_hook(home, lambda env: next(said))
+    r = play(PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>",
+                              b"RCPT TO:<u@example.com>") + MESSAGE
+             + PLAIN_JOE + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>") + MESSAGE
+             + crlf(b"QUIT"), home, plugins=plugins)
+    assert norm(r.out) == (GREETING + b"535 5.7.0 not you\r\n" + OK + NOGATEWAY + OK + GO_AHEAD
+                           + ACCEPTED + AUTH_OK + OK + OK + GO_AHEAD + ACCEPTED + BYE)
+    assert hook_calls(r) == ["joe plain", "joe plain"]
+    first, second = r.queued
     assert norm(first.received) == (b"Received: from unknown (127.0.0.1)\n"
                                     b"  by mx.test with SMTP; <DATE>\n")
     assert norm(second.received) == (b"Received: from unknown (joe@127.0.0.1)\n"
-                                      b"  by mx.test with ESMTPA; <DATE>\n")
+                                     b"  by mx.test with ESMTPA; <DATE>\n")
     assert second.recipients == [b"x@elsewhere.org"]
 
 
-def test_auth_plugin_not_run_on_cancel_or_bad_input(ahome):
-    home, _ = ahome
-    calls = auth_plugin(home)
-    out, _, _ = auth(crlf(b"AUTH LOGIN", b"*", b"AUTH PLAIN", b"", b"AUTH NOSUCH", b"QUIT"),
-                     ahome)
-    assert out == (GREETING + USER_PROMPT + CANCELED + PLAIN_PROMPT + MALFORMED
-                   + UNIMPLEMENTED_TYPE + BYE)
-    assert calls() == []
+def test_auth_plugin_not_run_on_cancel_or_bad_input(home):
+    plugins = auth_hook(home)
+    r = play(crlf(b"AUTH LOGIN", b"*", b"AUTH PLAIN", b"", b"AUTH NOSUCH", b"QUIT"), home,
+             plugins=plugins)
+    assert r.out == (GREETING + USER_PROMPT + CANCELED + PLAIN_PROMPT + MALFORMED
+                     + UNIMPLEMENTED_TYPE + BYE)
+    assert r.plugin_runs == []
 
 
 # ------------------------------------------------------------------ FORCETLS
 
 
 @pytest.mark.parametrize("smtpauth, auth_line", [("", LOGIN_PLAIN), ("+cram", ALL_THREE)])
-def test_forcetls_hides_and_refuses_auth_before_tls(ahome, smtpauth, auth_line):
-    out, _, _ = auth(crlf(b"EHLO c.test") + LOGIN_JOE + PLAIN_JOE
-                     + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>", b"QUIT"),
-                     ahome, smtpauth, env={"FORCETLS": "1"})
+def test_forcetls_hides_and_refuses_auth_before_tls(home, smtpauth, auth_line):
+    r = play(crlf(b"EHLO c.test") + LOGIN_JOE + PLAIN_JOE
+             + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>", b"QUIT"),
+             home, smtpauth, env={"FORCETLS": "1"})
     # the two LOGIN answer lines are then unknown verbs
-    assert out == (GREETING + ehlo(None) + NO_TLS + b"502 unimplemented (#5.5.1)\r\n" * 2
-                   + NO_TLS + OK + NOGATEWAY + BYE)
-    assert ahome[1].calls() == []
-    out, _, _ = auth(crlf(b"EHLO c.test") + PLAIN_JOE + crlf(b"QUIT"), ahome, smtpauth,
-                     env={"FORCETLS": "0"})
-    assert out == GREETING + ehlo(auth_line) + AUTH_OK + BYE
+    assert r.out == (GREETING + ehlo(None) + NO_TLS + UNIMPLEMENTED * 2
+                     + NO_TLS + OK + NOGATEWAY + BYE)
+    assert r.checkpassword == []
+    r = play(crlf(b"EHLO c.test") + PLAIN_JOE + crlf(b"QUIT"), home, smtpauth,
+             env={"FORCETLS": "0"})
+    assert r.out == GREETING + ehlo(auth_line) + AUTH_OK + BYE
 
 
-# ------------------------------------------------------------------ failures (5 s pause)
+# ------------------------------------------------------------------ failures (the pause)
 
 
-def _failure_cases(root):
-    """name -> a function returning (result, home, checkpw, plugin calls or None)."""
-
-    def wrong_login():
-        home, checkpw = make_auth_home(os.path.join(root, "wrong_login"))
-        calls = auth_plugin(home)
-        result = auth(crlf(b"EHLO c.test", b"AUTH LOGIN", b64(b"joe"), b64(b"Wr0ng-Pa55w0rd"),
-                           b"NOOP", b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>", b"QUIT"),
-                      (home, checkpw))
-        return result, home, checkpw, calls
-
-    def wrong_plain_then_right():
-        home, checkpw = make_auth_home(os.path.join(root, "wrong_plain"))
-        result = auth(crlf(b"AUTH PLAIN " + b64(b"\0joe\0Plain-Wr0ng-Pa55")) + PLAIN_JOE
-                      + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>", b"QUIT"),
-                      (home, checkpw))
-        return result, home, checkpw, None
-
-    def wrong_cram_digest():
-        home, checkpw = make_auth_home(os.path.join(root, "wrong_cram"))
-        result = auth(crlf(b"AUTH CRAM-MD5", b64(b"joe " + b"0" * 32), b"QUIT"),
-                      (home, checkpw), "cram")
-        return result, home, checkpw, None
-
-    def missing_checkpw():
-        home, checkpw = make_auth_home(os.path.join(root, "missing"))
-        result = auth(LOGIN_JOE + crlf(b"NOOP", b"QUIT"), (home, checkpw),
-                      args=[os.path.join(home.path, "plugins", "no-such-checkpw"), "/bin/true"])
-        return result, home, checkpw, None
-
-    def not_executable():
-        home, checkpw = make_auth_home(os.path.join(root, "noexec"))
-        os.chmod(checkpw.path, 0o644)
-        result = auth(LOGIN_JOE + crlf(b"NOOP", b"QUIT"), (home, checkpw))
-        return result, home, checkpw, None
-
-    def subprogram_fails():
-        home, checkpw = make_auth_home(os.path.join(root, "subfails"))
-        result = auth(PLAIN_JOE + crlf(b"QUIT"), (home, checkpw),
-                      args=[checkpw.path, "/bin/false"])
-        return result, home, checkpw, None
-
-    return {f.__name__: f for f in (wrong_login, wrong_plain_then_right, wrong_cram_digest,
-                                    missing_checkpw, not_executable, subprogram_fails)}
+def paused_before_each_535(r):
+    """Each 535 went out after its own 5 s pause (a Sleep, free in-process), with
+    nothing sent in between."""
+    steps = ["sleep" if q == rq.Sleep(5) else "535" if FAILED in q.data else "send"
+             for q in r.requests if q == rq.Sleep(5) or type(q) is rq.Send]
+    assert steps.count("535") == r.out.count(FAILED) > 0
+    assert [b for a, b in zip(steps, steps[1:]) if a == "sleep"] == ["535"] * steps.count("535")
+    assert steps.count("sleep") == steps.count("535")
+    assert r.log.count("slept 5") == steps.count("sleep")
 
 
-@pytest.fixture(scope="module")
-def failures(tmp_path_factory):
-    """Every failed-authentication session, run concurrently (each one pauses 5 s)."""
-    root = str(tmp_path_factory.mktemp("auth-failures"))
-    cases = _failure_cases(root)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(cases)) as pool:
-        futures = {name: pool.submit(run) for name, run in cases.items()}
-        return {name: f.result() for name, f in futures.items()}
+def test_wrong_password_is_535_and_nothing_is_granted(home):
+    plugins = auth_hook(home)
+    r = play(crlf(b"EHLO c.test", b"AUTH LOGIN", b64(b"joe"), b64(b"Wr0ng-Pa55w0rd"), b"NOOP",
+                  b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>", b"QUIT"),
+             home, plugins=plugins)
+    assert r.out == (GREETING + ehlo(LOGIN_PLAIN) + USER_PROMPT + PASSWORD_PROMPT + FAILED
+                     + OK + OK + NOGATEWAY + BYE)
+    assert r.status == 0
+    assert r.checkpassword == [b"joe\0Wr0ng-Pa55w0rd\0"]
+    paused_before_each_535(r)
+    # the failed login runs no [auth] plugin
+    assert r.plugin_runs == []
+    for secret in (b"Wr0ng-Pa55w0rd", b"secret"):
+        assert secret not in r.err
+        assert b64(secret) not in r.err
 
 
-def test_wrong_password_is_535_and_nothing_is_granted(failures):
-    result, _, checkpw, _ = failures["wrong_login"]
+def test_auth_may_be_retried_after_a_failure(home):
+    r = play(crlf(b"AUTH PLAIN " + b64(b"\0joe\0Plain-Wr0ng-Pa55")) + PLAIN_JOE
+             + crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>", b"QUIT"), home)
+    assert r.out == GREETING + FAILED + AUTH_OK + OK + OK + BYE
+    assert r.checkpassword == [b"joe\0Plain-Wr0ng-Pa55\0", b"joe\0secret\0"]
+    paused_before_each_535(r)
+    # the password is never logged
+    for secret in (b"Plain-Wr0ng-Pa55", b"secret"):
+        assert secret not in r.err
+        assert b64(secret) not in r.err
+
+
+def test_wrong_cram_digest_is_535(home):
+    r = play(crlf(b"AUTH CRAM-MD5", b64(b"joe " + b"0" * 32), b"QUIT"), home, "cram")
+    m = RE_CHALLENGE.search(r.out)
+    assert r.out == GREETING + m.group(0) + FAILED + BYE
+    challenge = base64.b64decode(m.group(1))
+    assert r.checkpassword == [b"joe\0" + b"0" * 32 + b"\0" + challenge + b"\0"]
+    paused_before_each_535(r)
+
+
+@pytest.mark.parametrize("detail", ["No such file or directory", "Permission denied"])
+def test_checkpassword_that_cannot_be_executed_is_535(home, detail):
+    """A missing or non-executable checkpassword: as the patch's child exiting 1 when
+    its exec fails, a failed login (after the pause), logged; the session goes on."""
+    r = play(LOGIN_JOE + crlf(b"NOOP", b"QUIT"), home,
+             checkpassword=lambda data: rq.CannotStart(rq.EXEC, detail))
+    assert r.out == GREETING + USER_PROMPT + PASSWORD_PROMPT + FAILED + OK + BYE
+    assert r.status == 0
+    assert "unable to run checkpassword %s: %s" % (CHECKPW, detail) in r.log
+    paused_before_each_535(r)
+
+
+def test_subprogram_exit_status_decides(home):
+    """checkpassword execs its subprogram on success: /bin/false's exit 1 is a failure."""
+    r = play(PLAIN_JOE + crlf(b"QUIT"), home, args=[CHECKPW, "/bin/false"], then=1)
+    assert r.out == GREETING + FAILED + BYE
+    assert r.checkpassword == [b"joe\0secret\0"]
+    assert checkpassword_argvs(r) == [(CHECKPW.encode(), b"/bin/false")]
+    paused_before_each_535(r)
+
+
+# ------------------------------------------------------------------ a real client, in-process
+
+
+class SocketWorld(World):
+    """The reference world with a real client at the other end of a socket pair: the
+    session's Read and Send go through the socket."""
+
+    def __init__(self, sock, **world):
+        super().__init__((), **world)
+        self.sock = sock
+
+    def read(self, request):
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return rq.TIMED_OUT
+        return data or rq.END_OF_INPUT
+
+    def send(self, request):
+        super().send(request)
+        self.sock.sendall(request.data)
+        return rq.SENT
+
+
+class PairSMTP(smtplib.SMTP):
+    """smtplib's client over an already connected socket."""
+
+    def __init__(self, sock, **kw):
+        self._pair = sock
+        super().__init__(**kw)
+
+    def _get_socket(self, host, port, timeout):
+        return self._pair
+
+
+def with_client(home, env, client, **world):
+    """Play one session in-process against client(smtp), run in a thread with an
+    smtplib.SMTP connected to the session; returns the world."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(20)
+    theirs.settimeout(20)
+    failure = []
+
+    def run_client():
+        try:
+            with PairSMTP(theirs, local_hostname="client.test", timeout=20) as s:
+                s.connect("mx.test", 25)
+                client(s)
+        except BaseException as e:
+            failure.append(e)
+        finally:
+            theirs.close()
+
+    thread = threading.Thread(target=run_client)
+    thread.start()
+    try:
+        env = bytes_env(env)
+        cfg = load_config(home, env, (CHECKPW, "/bin/true"))
+        world.setdefault("checkpassword", checkpw)
+        r = SocketWorld(ours, **world).play(Session(cfg, env, pid=77).run())
+    finally:
+        ours.close()
+        thread.join(30)
+    assert not thread.is_alive(), "the smtplib client did not finish"
+    if failure:
+        raise failure[0]
+    return r
+
+
+@pytest.mark.parametrize("smtpauth, advertised, mechanism", [
+    ("+cram", "LOGIN PLAIN CRAM-MD5", "cram"),  # smtplib prefers CRAM-MD5
+    ("", "LOGIN PLAIN", "plain"),
+])
+def test_smtplib_login_relays(home, smtpauth, advertised, mechanism):
+    def client(s):
+        s.ehlo()
+        assert s.esmtp_features["auth"].split() == advertised.split()
+        assert s.esmtp_features["size"].strip() == "0"
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            s.sendmail("a@b.c", ["x@elsewhere.org"], b"Subject: before\r\n\r\nno\r\n")
+        assert s.login("joe", "secret") == (235, b"ok, go ahead (#2.0.0)")
+        refused = s.sendmail("a@b.c", ["x@elsewhere.org"], b"Subject: smtplib auth\r\n\r\nhi\r\n")
+        assert refused == {}
+
+    r = with_client(home, {"SMTPAUTH": smtpauth}, client)
+    (fd3,) = r.checkpassword
+    if mechanism == "cram":
+        assert re.fullmatch(rb"joe\0[0-9a-f]{32}\0<\d+\.\d+@mx\.test>\0", fd3)
+    else:
+        assert fd3 == b"joe\0secret\0"
+    (msg,) = r.queued
+    assert msg.recipients == [b"x@elsewhere.org"]
+    assert norm(msg.received) == (b"Received: from unknown (HELO client.test) (joe@127.0.0.1)\n"
+                                  b"  by mx.test with ESMTPA; <DATE>\n")
+
+
+# ------------------------------------------------------------------ real processes: plumbing
+
+
+def test_real_checkpassword_gets_fd3_its_subprogram_dev_null_stdin_and_the_log_as_stdout(ahome):
+    """Real process: fd 3, /dev/null stdin, stdout into the log and the subprogram exec are the driver's."""
+    home, checkpw = ahome
+    marker = os.path.join(home.root, "subprogram-ran")
+    result = auth(crlf(b"NOOP") + LOGIN_JOE + crlf(b"NOOP", b"QUIT"), ahome,
+                  args=[checkpw.path, "/bin/sh", "-c", 'echo "$0 $1" > "%s"' % marker,
+                        "arg0", "arg1"])
+    assert result.out == GREETING + OK + LOGIN_DIALOGUE + OK + BYE
+    ((fd3, info),) = checkpw.calls()
+    assert fd3 == b"joe\0secret\0"
+    assert info == {"argv": ["/bin/sh", "-c", 'echo "$0 $1" > "%s"' % marker, "arg0", "arg1"],
+                    "stdin": ""}
+    with open(marker) as f:
+        assert f.read() == "arg0 arg1\n"
+    assert b"checkpw-stdout-marker" in result.err
+
+
+def test_real_checkpassword_runs_with_sigpipe_at_its_default(home):
+    """Real process: SIGPIPE at its default is a signal disposition a real child starts with."""
+    seen = os.path.join(home.root, "sigign")
+    shell = script(home, "checkpw-sh",
+                   'sed -n "s/^SigIgn:[[:space:]]*//p" /proc/$$/status > "%s"\nexec "$@"\n' % seen)
+    result = run_smtp(PLAIN_JOE + crlf(b"QUIT"), home=home, env={"SMTPAUTH": ""},
+                      args=[shell, "/bin/true"])
+    assert result.out == GREETING + AUTH_OK + BYE
+    with open(seen) as f:
+        ignored = int(f.read().strip(), 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1))
+
+
+def test_real_checkpassword_found_on_path(ahome):
+    """Real process: the PATH search is execvp's, in the driver (a bare name needs the HOSTNAME form)."""
+    home, checkpw = ahome
+    out, _, _ = auth(LOGIN_JOE + crlf(b"QUIT"), ahome,
+                     args=["mail.host.example", "checkpw", "/bin/true"],
+                     env={"PATH": os.path.dirname(checkpw.path) + ":/usr/bin:/bin"})
+    assert out == GREETING + LOGIN_DIALOGUE + BYE
+    assert checkpw.fd3() == [b"joe\0secret\0"]
+
+
+def test_real_checkpassword_exec_failures_are_cannot_start_exec(ahome):
+    """Real exec attempts (children module, no server): missing/non-executable is CannotStart(EXEC)."""
+    home, checkpw = ahome
+    env = {b"PATH": b"/usr/bin:/bin"}
+    missing = os.path.join(home.path, "plugins", "no-such-checkpw").encode()
+    assert children.check_password([missing, b"/bin/true"], b"joe\0secret\0", env) == \
+        rq.CannotStart(rq.EXEC, "No such file or directory")
+    os.chmod(checkpw.path, 0o644)
+    assert children.check_password([checkpw.path.encode(), b"/bin/true"], b"joe\0secret\0",
+                                   env) == rq.CannotStart(rq.EXEC, "Permission denied")
+    assert checkpw.calls() == []
+
+
+def test_real_failed_auth_pauses_then_535(ahome):
+    """Real process: the driver really sleeps once before the 535 (replies asserted, never its length)."""
+    home, checkpw = ahome
+    result = auth(crlf(b"EHLO c.test", b"AUTH LOGIN", b64(b"joe"), b64(b"Wr0ng-Pa55w0rd"),
+                       b"NOOP", b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>", b"QUIT"),
+                  ahome)
     assert result.out == (GREETING + ehlo(LOGIN_PLAIN) + USER_PROMPT + PASSWORD_PROMPT + FAILED
                           + OK + OK + NOGATEWAY + BYE)
     assert result.status == 0
     assert checkpw.fd3() == [b"joe\0Wr0ng-Pa55w0rd\0"]
+    for secret in (b"Wr0ng-Pa55w0rd", b"secret"):
+        assert secret not in result.err
+        assert b64(secret) not in result.err
 
 
-def test_failed_auth_runs_no_auth_plugin(failures):
-    _, _, _, calls = failures["wrong_login"]
-    assert calls() == []
-
-
-def test_password_not_in_the_log_on_failure(failures):
-    for name, secret in (("wrong_login", b"Wr0ng-Pa55w0rd"),
-                         ("wrong_plain_then_right", b"Plain-Wr0ng-Pa55")):
-        result = failures[name][0]
-        assert secret not in result.err, name
-        assert b64(secret) not in result.err, name
-        assert b"secret" not in result.err, name
-
-
-def test_auth_may_be_retried_after_a_failure(failures):
-    result, _, checkpw, _ = failures["wrong_plain_then_right"]
-    assert result.out == GREETING + FAILED + AUTH_OK + OK + OK + BYE
-    assert checkpw.fd3() == [b"joe\0Plain-Wr0ng-Pa55\0", b"joe\0secret\0"]
-
-
-def test_wrong_cram_digest_is_535(failures):
-    result, _, checkpw, _ = failures["wrong_cram_digest"]
-    m = RE_CHALLENGE.search(result.out)
-    assert result.out == GREETING + m.group(0) + FAILED + BYE
-    challenge = base64.b64decode(m.group(1))
-    assert checkpw.fd3() == [b"joe\0" + b"0" * 32 + b"\0" + challenge + b"\0"]
-
-
-@pytest.mark.parametrize("name", ["missing_checkpw", "not_executable"])
-def test_checkpassword_that_cannot_be_executed_is_535(failures, name):
-    result, _, checkpw, _ = failures[name]
-    assert result.out == GREETING + USER_PROMPT + PASSWORD_PROMPT + FAILED + OK + BYE
-    assert result.status == 0
-    assert checkpw.calls() == []
-
-
-def test_subprogram_exit_status_decides(failures):
-    result, _, checkpw, _ = failures["subprogram_fails"]
-    assert result.out == GREETING + FAILED + BYE
-    assert checkpw.fd3() == [b"joe\0secret\0"]
-
-
-# ------------------------------------------------------------------ real clients over TCP
+def test_real_cram_challenge_has_the_server_pid_and_clock(ahome):
+    """Real process: the challenge's pid and time come from the driver (getpid(), the real clock)."""
+    home, checkpw = ahome
+    with Conversation(home, env={"SMTPAUTH": "cram"}, args=[checkpw.path, "/bin/true"]) as c:
+        assert c.reply() == GREETING
+        start = int(time.time())
+        first = c.command(b"AUTH CRAM-MD5")
+        m = RE_CHALLENGE.fullmatch(first)
+        assert m, first
+        challenge = base64.b64decode(m.group(1), validate=True)
+        digest = cram_digest(challenge)
+        assert c.command(b64(b"joe " + digest)) == AUTH_OK
+        assert c.command(b"MAIL FROM:<a@b.c>") == OK
+        assert c.command(b"RCPT TO:<x@elsewhere.org>") == OK
+        pid = c.p.pid
+        rest, status, _ = c.finish()
+    m = re.fullmatch(rb"<(\d+)\.(\d+)@mx\.test>", challenge)
+    assert m, challenge
+    assert int(m.group(1)) == pid
+    assert start - 5 <= int(m.group(2)) <= time.time() + 5
+    assert checkpw.fd3() == [b"joe\0" + digest + b"\0" + challenge + b"\0"]
+    assert (rest, status) == (b"", 1)
 
 
 def test_swaks_auth_login_relays(tcpservers, ahome):
+    """Real processes: a real client (swaks) against the server under the real tcpserver."""
     require_tools("swaks")
     home, checkpw = ahome
     port = tcpservers.start(home, env={"SMTPAUTH": ""}, args=(checkpw.path, "/bin/true")).port
@@ -1026,33 +1220,5 @@ def test_swaks_auth_login_relays(tcpservers, ahome):
     assert checkpw.fd3() == [b"joe\0secret\0"]
     (msg,) = home.queued()
     assert msg.envelope == b"Fa@b.c\0Tu@elsewhere.org\0\0"
-    assert norm(msg.received) == (b"Received: from unknown (HELO client.test) (joe@127.0.0.1)\n"
-                                  b"  by mx.test with ESMTPA; <DATE>\n")
-
-
-@pytest.mark.parametrize("smtpauth, advertised, mechanism", [
-    ("+cram", "LOGIN PLAIN CRAM-MD5", "cram"),  # smtplib prefers CRAM-MD5
-    ("", "LOGIN PLAIN", "plain"),
-])
-def test_smtplib_login_relays(tcpservers, ahome, smtpauth, advertised, mechanism):
-    home, checkpw = ahome
-    port = tcpservers.start(home, env={"SMTPAUTH": smtpauth},
-                            args=(checkpw.path, "/bin/true")).port
-    with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=20) as s:
-        s.ehlo()
-        assert s.esmtp_features["auth"].split() == advertised.split()
-        assert s.esmtp_features["size"].strip() == "0"
-        with pytest.raises(smtplib.SMTPRecipientsRefused):
-            s.sendmail("a@b.c", ["x@elsewhere.org"], b"Subject: before\r\n\r\nno\r\n")
-        assert s.login("joe", "secret") == (235, b"ok, go ahead (#2.0.0)")
-        refused = s.sendmail("a@b.c", ["x@elsewhere.org"], b"Subject: smtplib auth\r\n\r\nhi\r\n")
-        assert refused == {}
-    (fd3,) = checkpw.fd3()
-    if mechanism == "cram":
-        assert re.fullmatch(rb"joe\0[0-9a-f]{32}\0<\d+\.\d+@mx\.test>\0", fd3)
-    else:
-        assert fd3 == b"joe\0secret\0"
-    (msg,) = home.queued()
-    assert msg.recipients == [b"x@elsewhere.org"]
     assert norm(msg.received) == (b"Received: from unknown (HELO client.test) (joe@127.0.0.1)\n"
                                   b"  by mx.test with ESMTPA; <DATE>\n")
