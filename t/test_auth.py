@@ -157,7 +157,7 @@ class Dialogue(World):
         return super().read(request)
 
 
-def play(chunks, home, smtpauth="", args=None, env=None, then=0, pid=77, **world):
+def play(chunks, home, smtpauth="", args=None, env=None, then=0, pid=b"77", **world):
     """One session in-process: SMTPAUTH (None: unset), the checkpassword command line
     (default: CHECKPW /bin/true) and env over world.BASE_ENV, the Config loaded from
     home's control files; checkpassword is checkpw with the subprogram's end `then`
@@ -169,7 +169,7 @@ def play(chunks, home, smtpauth="", args=None, env=None, then=0, pid=77, **world
         args = (CHECKPW, "/bin/true")
     world.setdefault("checkpassword", functools.partial(checkpw, then=then))
     cfg = load_config(home, full, args)
-    return Dialogue(chunks, **world).play(Session(cfg, full, pid=pid).run())
+    return Dialogue(chunks, **world).play(Session(cfg, full, pid).run())
 
 
 def cram_answer(user=b"joe", secret=b"secret"):
@@ -548,7 +548,7 @@ def test_cram_md5_with_a_real_digest(home, smtpauth):
     answers with an HMAC-MD5 digest of it, checkpassword gets user, digest, challenge."""
     r = play([crlf(b"AUTH CRAM-MD5"), cram_answer(),
               crlf(b"MAIL FROM:<a@b.c>", b"RCPT TO:<x@elsewhere.org>")], home, smtpauth,
-             pid=4321, now=1700000000.75)
+             pid=b"4321", now=1700000000.75)
     challenge = challenge_of(r.out)
     assert challenge == b"<4321.1700000000@mx.test>"
     assert r.out == GREETING + b"334 " + b64(challenge) + b"\r\n" + AUTH_OK + OK + OK
@@ -1072,7 +1072,7 @@ def with_client(home, env, client, **world):
         env = bytes_env(env)
         cfg = load_config(home, env, (CHECKPW, "/bin/true"))
         world.setdefault("checkpassword", checkpw)
-        r = SocketWorld(ours, **world).play(Session(cfg, env, pid=77).run())
+        r = SocketWorld(ours, **world).play(Session(cfg, env, b"77").run())
     finally:
         ours.close()
         thread.join(30)
