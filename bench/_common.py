@@ -74,15 +74,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(mode, env, local_name, program=SERVER, log=None):
-    """`qmail-smtpd-py serve` (mode "resident") or tcpserver running program on a free
-    loopback port, output to the file log or nowhere; returns (process, port)."""
+def start_server(mode, env, local_name, program=SERVER, log=None, options=()):
+    """A server on a free loopback port, output to the file log or nowhere; returns
+    (process, port).  mode: "pool" (`qmail-smtpd-py serve`, the pre-forked workers),
+    "fork" (`serve --fork`, a fork per connection), "tcpserver" (running program),
+    or "qpsmtpd" (Debian's qpsmtpd-prefork, see qpsmtpd_config)."""
     port = free_port()
-    if mode == "resident":
-        cmd = [SERVER, "serve", "-c", "40", "-l", local_name, "127.0.0.1", str(port)]
+    if mode in ("pool", "fork"):
+        cmd = [SERVER, "serve", "-H", "-R", "--root", "-c", "40", "-l", local_name,
+               *(["--fork"] if mode == "fork" else []), *options, "127.0.0.1", str(port)]
+    elif mode == "tcpserver":
+        cmd = ["tcpserver", "-H", "-R", "-l", local_name, "-c", "40", *options, "127.0.0.1",
+               str(port), program]
+    elif mode == "qpsmtpd":
+        cmd = ["qpsmtpd-prefork", "--listen-address", "127.0.0.1", "--port", str(port),
+               "--children", "40", "--idle-children", "8", "--max-from-ip", "0",
+               "--user", "root", *options]
     else:
-        cmd = ["tcpserver", "-H", "-R", "-l", local_name, "-c", "40", "127.0.0.1", str(port),
-               program]
+        raise ValueError(mode)
     out = open(log, "wb") if log else subprocess.DEVNULL  # noqa: SIM115 (kept by the server)
     try:
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
@@ -90,17 +99,76 @@ def start_server(mode, env, local_name, program=SERVER, log=None):
     finally:
         if log:
             out.close()
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return proc, port
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                if s.recv(512).startswith(b"220"):
+                    return proc, port
         except OSError:
             if proc.poll() is not None:
                 break
             time.sleep(0.05)
     stop_server(proc)
     sys.exit("%s server did not start" % mode)
+
+
+def tree_cpu(pid):
+    """CPU seconds (user + system) of pid and every process below it, with the
+    children they have reaped (so a process that came and went still counts)."""
+    children = {}
+    stats = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % name, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(int(name))
+        stats[int(name)] = sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, 0)
+        todo += children.get(p, [])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def smtp_source():
+    """(command, environment) for Postfix's smtp-source, or None.  Taken from
+    $SMTP_SOURCE, else from a cache of the Debian package (fetched with
+    `apt-get download postfix` and unpacked with `dpkg -x`: never installed)."""
+    cache = os.path.join(os.path.expanduser("~"), ".cache", "qmail-smtpd-py-bench", "postfix")
+    path = os.environ.get("SMTP_SOURCE") or os.path.join(cache, "usr", "sbin", "smtp-source")
+    if not os.path.exists(path) and shutil.which("apt-get") and shutil.which("dpkg"):
+        os.makedirs(cache, exist_ok=True)
+        subprocess.run(["apt-get", "download", "postfix"], cwd=cache, capture_output=True)
+        debs = [n for n in os.listdir(cache) if n.startswith("postfix_") and n.endswith(".deb")]
+        if debs:
+            subprocess.run(["dpkg", "-x", os.path.join(cache, debs[0]), cache], capture_output=True)
+    if not os.path.exists(path):
+        return None
+    libs = os.path.join(os.path.dirname(os.path.dirname(path)), "lib", "postfix")
+    return path, {"LD_LIBRARY_PATH": libs, "PATH": "/usr/bin:/bin"}
+
+
+def qpsmtpd_config(root, queue):
+    """A config directory for qpsmtpd-prefork (QPSMTPD_CONFIG): no checks but
+    rcpthosts, qmail-queue into our discarding queue, warnings only."""
+    config = os.path.join(root, "qpsmtpd")
+    os.makedirs(config, exist_ok=True)
+    for name, text in {"plugins": "rcpt_ok\nqueue/qmail-queue %s\n" % queue,
+                       "plugin_dirs": "/usr/share/qpsmtpd/plugins\n",
+                       "me": "bench.example\n", "rcpthosts": "example.com\n",
+                       "loglevel": "2\n", "logging": "logging/warn 2\n",
+                       "spool_dir": os.path.join(root, "qpsmtpd-spool") + "\n"}.items():
+        with open(os.path.join(config, name), "w") as f:
+            f.write(text)
+    os.makedirs(os.path.join(root, "qpsmtpd-spool"), mode=0o700, exist_ok=True)
+    return config
 
 
 def stop_server(proc):

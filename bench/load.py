@@ -1,7 +1,7 @@
 """Load and integrity test: many parallel SMTP sessions of mixed kinds for a fixed time,
 then a check that the queue holds exactly the messages that were acknowledged.
 
-    .venv/bin/python bench/load.py [--seconds 60] [--clients 8] [--mode tcpserver|resident]
+    .venv/bin/python bench/load.py [--seconds 60] [--clients 8] [--mode tcpserver|pool|fork]
                                    [--faults] [--seed N] [--keep]
 
 The server (under tcpserver on 127.0.0.1, or `qmail-smtpd-py serve`) hands every
@@ -541,7 +541,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--mode", choices=("tcpserver", "resident"), default="tcpserver")
+    ap.add_argument("--mode", choices=("tcpserver", "pool", "fork"), default="tcpserver")
     ap.add_argument("--faults", action="store_true", help="queue fails ~20%% of messages")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")

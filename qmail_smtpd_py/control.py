@@ -21,8 +21,32 @@ class ControlError(Exception):
     """A control file exists but cannot be read: 421 unable to read controls."""
 
 
+# A resident worker keeps what it read, by file identity: a file whose inode,
+# size, mtime or ctime changed (an edit, a replacement, a chmod) is read again,
+# so each session still sees the control files as they are when it starts.
+kept = None  # {name: (identity, data)} when keeping; None: read every time
+
+
 def read_file(name):
     """The whole file as bytes, or None if it does not exist."""
+    if kept is not None:
+        try:
+            st = os.stat(name)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise ControlError("%s: %s" % (os.fsdecode(name), e.strerror)) from None
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        entry = kept.get(name)
+        if entry is not None and entry[0] == identity:
+            return entry[1]
+        data = _read(name)
+        kept[name] = (identity, data)
+        return data
+    return _read(name)
+
+
+def _read(name):
     try:
         fd = os.open(name, os.O_RDONLY)
     except FileNotFoundError:

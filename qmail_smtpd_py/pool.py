@@ -287,20 +287,22 @@ class Names:
 
 # ------------------------------------------------------------------ the scoreboard
 
-SLOT = struct.Struct("=iB3x46s")  # pid, state, client address
+SLOT = struct.Struct("=i46s")  # a worker's pid and client address
 FREE, IDLE, BUSY = 0, 1, 2
 
 
 class Scoreboard:
-    """One slot per worker in memory shared by the pool: its pid, state and
-    client address; before the slots, a byte that says the pool is stopping.
-    Memfds, so that it survives the parent's re-exec."""
+    """Memory shared by the pool: a byte that says the pool is stopping, then
+    one state byte per slot (so that counting is one bytes.count), then each
+    slot's worker pid and client address.  Memfds, so that it survives the
+    parent's re-exec."""
 
-    HEADER = 8
+    STATES = 8
 
     def __init__(self, size, fds=None):
         self.size = size
-        length = self.HEADER + SLOT.size * size
+        self.slots_at = self.STATES + size
+        length = self.slots_at + SLOT.size * size
         if fds is None:
             fds = (os.memfd_create("qmail-smtpd-py-scoreboard", 0),
                    os.memfd_create("qmail-smtpd-py-lock", 0))
@@ -315,29 +317,38 @@ class Scoreboard:
     def stop(self):
         self.memory[0] = 1
 
+    def state(self, index):
+        return self.memory[self.STATES + index]
+
+    def count(self, state):
+        return self.memory[self.STATES:self.slots_at].count(state)
+
     def get(self, index):
-        pid, state, ip = SLOT.unpack_from(self.memory, self.HEADER + index * SLOT.size)
-        return pid, state, ip.rstrip(b"\0")
+        pid, ip = SLOT.unpack_from(self.memory, self.slots_at + index * SLOT.size)
+        return pid, self.state(index), ip.rstrip(b"\0")
 
     def set(self, index, pid, state, ip=b""):
-        SLOT.pack_into(self.memory, self.HEADER + index * SLOT.size, pid, state, ip)
+        SLOT.pack_into(self.memory, self.slots_at + index * SLOT.size, pid, ip)
+        self.memory[self.STATES + index] = state
 
-    def slots(self):
-        return [self.get(index) for index in range(self.size)]
+    def set_state(self, index, state):
+        self.memory[self.STATES + index] = state
 
     def free_slot(self):
-        for index in range(self.size):
-            if self.get(index)[1] == FREE:
-                return index
-        return None
+        index = self.memory.find(bytes([FREE]), self.STATES, self.slots_at)
+        return None if index < 0 else index - self.STATES
 
     def claim(self, index, pid, ip, limit):
         """Mark slot index busy with ip unless ip has `limit` sessions already
         (0: no limit); counting and claiming are one step for the whole pool."""
+        if not limit:
+            self.set(index, pid, BUSY, ip)
+            return True
         fcntl.lockf(self.lock_fd, fcntl.LOCK_EX)
         try:
-            if limit and sum(1 for _, state, other in self.slots()
-                             if state == BUSY and other == ip) >= limit:
+            busy = sum(1 for i in range(self.size) if self.state(i) == BUSY
+                       and self.get(i)[2] == ip)
+            if busy >= limit:
                 return False
             self.set(index, pid, BUSY, ip)
             return True
@@ -459,6 +470,7 @@ class Pool:
                 self.names = Names(options.dns_timeout, options.paranoid)
                 self.names.prepare()
         self.base_env = dict(driver.started_environment(os.environb))
+        control.kept = {}  # each worker keeps the control files it read
         self.umask = os.umask(0o022)
         os.umask(self.umask)
 
@@ -523,7 +535,7 @@ class Pool:
         ones go."""
         options = self.options
         idle = [pid for pid, w in self.workers.items() if not w.retiring
-                and self.scoreboard.get(w.slot)[1] == IDLE]
+                and self.scoreboard.state(w.slot) == IDLE]
         wanted = min(options.min_spare - len(idle), options.max_connections - len(self.workers))
         for _ in range(max(0, wanted)):
             if not self._spawn():
@@ -569,7 +581,7 @@ class Pool:
                     pass
 
     def _count(self, state):
-        return sum(1 for _, s, _ in self.scoreboard.slots() if s == state)
+        return self.scoreboard.count(state)
 
     def _status(self):
         if self.options.verbose:
@@ -585,6 +597,8 @@ class Pool:
         for line in lines:
             kind, _, rest = line.decode("ascii", "replace").partition(" ")
             fields = rest.split(" ")
+            if kind == "W":      # a worker saw too few idle ones: _maintain runs next
+                continue
             if kind == "B":      # pid slot id ip
                 pid, _, conn, ip = fields
                 worker = self.workers.get(int(pid))
@@ -611,7 +625,7 @@ class Pool:
             worker = self.workers.pop(pid, None)
             if worker is None:
                 continue
-            _, state, _ = self.scoreboard.get(worker.slot)
+            state = self.scoreboard.state(worker.slot)
             self.scoreboard.set(worker.slot, 0, FREE)
             if state == BUSY:  # died in a session: its end line is ours to write
                 self.log("serve: end %s status %d (worker %d died in its session)"
@@ -809,7 +823,11 @@ class Worker:
                 _send_quietly(conn, replies.TOO_MANY_FROM_ADDRESS)
                 code = 0
                 return
-            self._report("B %d %d %s %s" % (self.pid, self.slot, connection_id, word(ip)))
+            if options.verbose:
+                self._report("B %d %d %s %s" % (self.pid, self.slot, connection_id, word(ip)))
+            elif (pool.scoreboard.count(IDLE) < options.min_spare
+                  and pool.scoreboard.count(FREE)):
+                self._report("W")  # the parent: time to start more workers
             env = self._environment(local, remote, rule)
             os.umask(pool.umask)
             fd = conn.fileno()
@@ -819,9 +837,9 @@ class Worker:
             pool.log("serve: %s: %s: %s" % (connection_id, type(e).__name__, e))
         finally:
             conn.close()
-            if pool.scoreboard.get(self.slot)[1] == BUSY:
+            if options.verbose and pool.scoreboard.state(self.slot) == BUSY:
                 self._report("E %s %d" % (connection_id, code))
-            pool.scoreboard.set(self.slot, self.pid, IDLE)
+            pool.scoreboard.set_state(self.slot, IDLE)
 
     def _environment(self, local, remote, rule):
         pool, options = self.pool, self.options
@@ -850,9 +868,13 @@ def _send_quietly(conn, data):
 
 
 def _rss_mib():
-    """This process's resident memory in MiB (/proc/self/statm: pages)."""
+    """This process's resident memory now, in MiB (/proc/self/statm counts pages;
+    the peak of getrusage would count the parent's too, inherited at the fork)."""
     try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * mmap.PAGESIZE >> 20
+        fd = os.open("/proc/self/statm", os.O_RDONLY)
+        try:
+            return int(os.read(fd, 256).split()[1]) * mmap.PAGESIZE >> 20
+        finally:
+            os.close(fd)
     except (OSError, ValueError, IndexError):
         return 0

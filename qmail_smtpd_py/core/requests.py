@@ -60,6 +60,10 @@ class Value:
 
     def __init__(self, *args, **kwargs):
         names = self.__slots__
+        if not kwargs and len(args) == len(names):  # the usual case, made cheap
+            for name, value in zip(names, args):
+                object.__setattr__(self, name, value)
+            return
         if len(args) > len(names):
             raise TypeError("%s takes %d fields" % (type(self).__name__, len(names)))
         values = dict(self._defaults)
