@@ -37,7 +37,12 @@ $(STAMP): $(SOURCES)
 	rm -rf build
 	$(VENV)/bin/python -m pip install --quiet '.[test,lint]'
 	rm -rf build
+	$(call fast_launcher,$(VENV)/bin/qmail-smtpd-py)
 	@touch $@
+
+# pip writes a bare `#!.../python` into scripts; the per-connection launcher runs
+# with -IS (no site module and its .pth hooks: about 8% of a cold session).
+fast_launcher = sed -i '1{/ -IS$$/!s/$$/ -IS/}' $(1)
 
 # tcpserver comes from Debian's ucspi-tcp-ipv6 (ucspi-tcp plus IPv6); install it when missing and we are root.
 tcpserver:
@@ -168,6 +173,7 @@ install:
 	  "$(DESTDIR)$(LIBDIR)/bin/python" -m pip install --quiet --disable-pip-version-check "$(CURDIR)[dns,redis]" && \
 	  rm -rf build && echo "$$sum" > "$(DESTDIR)$(LIBDIR)/.source-sha256" || exit 1; \
 	fi
+	$(call fast_launcher,"$(DESTDIR)$(LIBDIR)/bin/qmail-smtpd-py")
 	install -d "$(DESTDIR)$(PREFIX)/bin" "$(DESTDIR)$(MAN8DIR)" "$(DESTDIR)$(SAMPLEDIR)" \
 	  "$(DESTDIR)$(LIBDIR)/plugins"
 	for p in $(PLUGINS); do ln -sfn "../bin/$$p" "$(DESTDIR)$(LIBDIR)/plugins/$$p"; done
