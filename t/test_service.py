@@ -89,8 +89,15 @@ def service(tmp_path, make_home):
     return directory, home, port
 
 
-def test_supervised_service_relays_by_tcprules(service, tmp_path):
+@pytest.mark.parametrize("run", ["run", "run.pool"])
+def test_supervised_service_relays_by_tcprules(service, tmp_path, run):
+    """Under tcpserver (run) and the pool (run.pool, copied over run as the README says;
+    --root in env/POOLOPTIONS because the test cannot switch users)."""
     directory, home, port = service
+    pool = run == "run.pool"
+    if pool:
+        shutil.copy(os.path.join(directory, "run.pool"), os.path.join(directory, "run"))
+        write_env(directory, "POOLOPTIONS", "--root")
     build_rules(directory, '127.:allow,RELAYCLIENT=""\n:allow\n')
     log = tmp_path / "supervise.log"
     env = {"PATH": BIN_DIR + ":" + os.environ.get("PATH", "/usr/bin:/bin")}
@@ -112,7 +119,7 @@ def test_supervised_service_relays_by_tcprules(service, tmp_path):
         # the local name came from control/me (env/LOCALNAME is a 0-byte file)
         assert b"by mx.example.org with SMTP" in queued[0].received, queued[0].received
 
-        # new rules without RELAYCLIENT: tcpserver reads the cdb per connection
+        # new rules without RELAYCLIENT: the cdb is read for each connection
         build_rules(directory, ":allow\n")
         status, out = swaks(port, FOREIGN, "--quit-after", "RCPT")
         assert status != 0, out
@@ -123,14 +130,14 @@ def test_supervised_service_relays_by_tcprules(service, tmp_path):
         assert len(queued) == 2
         assert queued[1].recipients == [LOCAL.encode()]
 
-        # the tcpserver -v log went through supervise's stdout (the log service's pipe)
+        # the -v log went through supervise's stdout (the log service's pipe)
         text = log.read_bytes()
-        assert b"tcpserver: status: 0/5" in text, text
-        assert b"tcpserver: ok " in text, text
-        # qmail-smtpd-py's event lines carry the pid tcpserver logged for the connection
-        pids = set(re.findall(rb"tcpserver: pid (\d+) from 127\.0\.0\.1", text))
-        accepted = re.findall(rb"(\d+) 127\.0\.0\.1 accept qp=\d+ ", text)
-        refused = re.findall(rb"(\d+) 127\.0\.0\.1 refuse RCPT 553 by=rcpthosts ", text)
+        launcher = b"serve" if pool else b"tcpserver"
+        assert launcher + b": status: 0/5" in text, text
+        # qmail-smtpd-py's event lines carry the id the launcher logged for the connection
+        pids = set(re.findall(launcher + rb": pid ([\d.]+) from 127\.0\.0\.1", text))
+        accepted = re.findall(rb"([\d.]+) 127\.0\.0\.1 accept qp=\d+ ", text)
+        refused = re.findall(rb"([\d.]+) 127\.0\.0\.1 refuse RCPT 553 by=rcpthosts ", text)
         assert (len(accepted), len(refused)) == (2, 1), text
         assert set(accepted + refused) <= pids, text
 
