@@ -182,6 +182,7 @@ def tls(args, root, env):
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     cert_path = os.path.join(env["QMAILHOME"], "control", "servercert.pem")
+    clients = int(args.clients.split(",")[0])
     figures = {}
     for kind in ("ecdsa", "rsa"):
         with open(cert_path, "wb") as f:
@@ -191,7 +192,7 @@ def tls(args, root, env):
             for _ in range(args.rounds):
                 for name, ctx in (("plain", None), (kind, context)):
                     cpu0 = tree_cpu(proc.pid)
-                    own_clients(port, 4, 400, ctx)
+                    own_clients(port, clients, 400, ctx)
                     time.sleep(0.2)
                     figures.setdefault(name, []).append((tree_cpu(proc.pid) - cpu0) * 1000 / 400)
         finally:
@@ -200,8 +201,8 @@ def tls(args, root, env):
     plain = statistics.median(figures["plain"])
     for kind in ("ecdsa", "rsa"):
         cost = statistics.median(figures[kind])
-        print("pool: STARTTLS (%s) %.2f ms of server CPU per session, plain %.2f ms: %.2fx"
-              % (kind, cost, plain, cost / plain))
+        print("pool: %d clients: STARTTLS (%s) %.2f ms of server CPU per session, plain "
+              "%.2f ms: %.2fx" % (clients, kind, cost, plain, cost / plain))
 
 
 def pss(args, env):

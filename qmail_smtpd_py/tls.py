@@ -88,6 +88,9 @@ def _make_context(ciphers, client_ca):
         context.load_cert_chain(SERVERCERT)
     except (ssl.SSLError, OSError) as e:
         return None, TLSSetupFailed(*_certificate_error(e))
+    # No TLS 1.3 session tickets: SMTP clients rarely resume, a ticket is only
+    # good for the worker that issued it, and each costs a write per session.
+    context.num_tickets = 0
     warnings = []
     if ciphers:
         try:
