@@ -177,6 +177,8 @@ install:
 	install -d "$(DESTDIR)$(PREFIX)/bin" "$(DESTDIR)$(MAN8DIR)" "$(DESTDIR)$(SAMPLEDIR)" \
 	  "$(DESTDIR)$(LIBDIR)/plugins"
 	for p in $(PLUGINS); do ln -sfn "../bin/$$p" "$(DESTDIR)$(LIBDIR)/plugins/$$p"; done
+	for s in connection mail rcpt; do \
+	  ln -sfn "../bin/ratelimit" "$(DESTDIR)$(LIBDIR)/plugins/ratelimit-$$s"; done
 	ln -sfn "$(LIBDIR)/bin/qmail-smtpd-py" "$(DESTDIR)$(PREFIX)/bin/qmail-smtpd-py"
 	ln -sfn "$(LIBDIR)/bin/qmail-queue-maildir" "$(DESTDIR)$(PREFIX)/bin/qmail-queue-maildir"
 	install -m 644 man/qmail-smtpd-py.8 "$(DESTDIR)$(MAN8DIR)/qmail-smtpd-py.8"

@@ -30,6 +30,9 @@ from .core.requests import (
     WaitFailed,
 )
 
+# Python scripts the pool prepared (preload.py): path -> (Script, the pool's
+# environment).  Empty under tcpserver, where everything is exec'd.
+preloaded = {}
 READ_SIZE = 1 << 16
 MAX_LINE = 1 << 20  # longer plugin output lines are cut here (memory stays bounded)
 _NO_PROCESS = {errno.EAGAIN, errno.ENOMEM}  # posix_spawn could not make a process
@@ -72,6 +75,16 @@ def spawn(path, argv, env, file_actions, setsigdef=(), search_path=False):
                 raise
     code = errno.EACCES if denied else errno.ENOENT
     raise OSError(code, os.strerror(code))
+
+
+def _preloaded(path, env):
+    """The prepared Script to run for path now, or None (exec it)."""
+    entry = preloaded.get(os.path.abspath(path))
+    if entry is None:
+        return None
+    from . import preload  # the pool has loaded it: no import here
+    script, base_env = entry
+    return script if preload.usable(script, env, base_env) else None
 
 
 def wait(pid):
@@ -270,9 +283,14 @@ class PluginProcess:
             out, child_out = os.pipe()
         except OSError as e:
             return None, CannotStart(PIPE, e.strerror)
+        script = _preloaded(argv[0], env) if preloaded and len(argv) == 1 else None
         try:
-            pid = spawn(argv[0], list(argv), env, [
-                (os.POSIX_SPAWN_CLOSE, 0), (os.POSIX_SPAWN_DUP2, child_out, 1)])
+            if script is not None:
+                from . import preload
+                pid = preload.start(script, argv, env, child_out, stdin_null=False)
+            else:
+                pid = spawn(argv[0], list(argv), env, [
+                    (os.POSIX_SPAWN_CLOSE, 0), (os.POSIX_SPAWN_DUP2, child_out, 1)])
         except (OSError, ValueError) as e:
             os.close(out)
             return None, spawn_failure(e)
@@ -336,9 +354,14 @@ def run_program(path, env, time_limit):
     """An SMTPEXTFORK program: execv, no arguments, stdin /dev/null, stdout
     into the log (the patch let it write into the SMTP stream); wait for it,
     killing it after time_limit seconds (TIMED_OUT)."""
+    script = _preloaded(path, env) if preloaded else None
     try:
-        pid = spawn(path, [path], env, [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
-                                        (os.POSIX_SPAWN_DUP2, 2, 1)])
+        if script is not None:
+            from . import preload
+            pid = preload.start(script, [path], env, 2, stdin_null=True)
+        else:
+            pid = spawn(path, [path], env, [(os.POSIX_SPAWN_OPEN, 0, "/dev/null",
+                                             os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, 2, 1)])
     except (OSError, ValueError) as e:
         return spawn_failure(e)
     if time_limit and not exits_within(pid, time_limit):

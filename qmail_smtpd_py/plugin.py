@@ -38,8 +38,13 @@ Only os and sys are imported: every plugin run is a new interpreter.
 import os
 import sys
 
-_LOG_NAME = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "plugin"
-_server_pid = None
+_server_pid = None  # (our pid, the server's), found at the first use
+
+
+def _log_name():
+    """The plugin's name for its log lines (read at each use: a preloaded plugin
+    runs in a process that imported this module for another program)."""
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "plugin"
 
 
 class Session:
@@ -124,7 +129,7 @@ def server_pid():
     so there it is the grandparent (read from /proc; the parent where /proc
     is missing)."""
     global _server_pid
-    if _server_pid is None:
+    if _server_pid is None or _server_pid[0] != os.getpid():  # not one of a parent's
         pid = os.getppid()
         try:
             with open("/proc/%d/cmdline" % pid, "rb") as f:
@@ -135,8 +140,8 @@ def server_pid():
                 pid = int(stat[stat.rindex(b")") + 2:].split()[1])  # after "pid (comm) S"
         except (OSError, ValueError, IndexError):
             pass
-        _server_pid = pid
-    return _server_pid
+        _server_pid = (os.getpid(), pid)
+    return _server_pid[1]
 
 
 def control_lines(name):
@@ -336,4 +341,4 @@ def log_line(text):
 
 def log(text):
     """One line on stderr, the server's log: "<plugin>: pid <server pid>: text"."""
-    log_line("%s: pid %d: %s" % (_LOG_NAME, server_pid(), text))
+    log_line("%s: pid %d: %s" % (_log_name(), server_pid(), text))

@@ -49,7 +49,7 @@ import time
 import attrs
 import click
 
-from . import children, control, driver, ipme, tls  # noqa: F401  (imported before forking)
+from . import children, control, driver, ipme, preload, tls  # noqa: F401  (before forking)
 from .cdb import Cdb, CdbError
 from .core import replies, session  # noqa: F401
 from .core.logline import word
@@ -471,8 +471,31 @@ class Pool:
                 self.names.prepare()
         self.base_env = dict(driver.started_environment(os.environb))
         control.kept = {}  # each worker keeps the control files it read
+        self._preload()
         self.umask = os.umask(0o022)
         os.umask(self.umask)
+
+    def _preload(self):
+        """Prepare the Python plugins and SMTPEXTFORK programs (preload.py),
+        unless NOPRELOAD is set."""
+        if b"NOPRELOAD" in self.base_env:
+            self.log("serve: NOPRELOAD: plugins and programs are exec'd")
+            return
+        home = self.options.qmail_home or self.base_env.get(b"QMAILHOME", b"/var/qmail")
+        paths = []
+        if b"NOSPP" not in self.base_env:
+            conffile = self.base_env.get(b"SPPCONFFILE") or b"control/smtpplugins"
+            try:
+                lines = control.read_list(os.path.join(home, conffile)) or []
+            except control.ControlError:
+                lines = []  # the sessions will answer 421 and log why
+            paths += [line for line in lines if line[:1] not in (b"[", b":")]
+        for name in (b"SMTPEXTFORK", b"SMTPEXTFORKR"):
+            paths += [p for p in self.base_env.get(name, b"").split(b",") if p]
+        uid = os.geteuid() if self.options.uid is None else self.options.uid
+        gid = os.getegid() if self.options.gid is None else self.options.gid
+        scripts = preload.prepare([os.path.join(home, p) for p in paths], uid, gid, self.log)
+        preload.install(scripts, self.base_env)
 
     def _drop_privileges(self):
         """-u/-g: supplementary groups cleared, then the group, then the user,
@@ -652,6 +675,7 @@ class Pool:
         if not loads:
             self.log("serve: SIGHUP: the code cannot be reloaded (%s): new workers of the "
                      "running code" % why[0])
+            self._preload()  # the plugins are looked at again all the same
             return
         fds = (self.listener.fileno(), self.scoreboard.fd, self.scoreboard.lock_fd,
                self.status_r, self.status_w)

@@ -439,9 +439,19 @@ def test_ratelimit_needs_its_section_as_argument(fresh_redis, make_home, entry):
     res = run(home, mail_session(rcpts=1), env=rl_env(fresh_redis, recipients="0/60"))
     assert res.out == GREETING + OK + OK + FLUSHED + BYE
     (line,) = log_lines(res.err, "ratelimit")
-    assert line.startswith(b"usage: ratelimit connection|mail|rcpt (the section, as a ':' "
-                           b"entry's argument), not ")
+    assert line.startswith(b"usage: ratelimit connection|mail|rcpt, or a link named "
+                           b"ratelimit-SECTION (the section it runs in), not ")
     assert line.endswith(b"; not rate limiting")
+
+
+def test_ratelimit_takes_its_section_from_a_link_name(fresh_redis, make_home, tmp_path):
+    """ratelimit-rcpt (make install makes these links): a plain entry, no argument."""
+    link = tmp_path / "ratelimit-rcpt"
+    link.symlink_to(RATELIMIT)
+    home = plugin_home(make_home, ("rcpt", [str(link)]))
+    res = run(home, mail_session(rcpts=2), env=rl_env(fresh_redis, recipients="1/60"))
+    assert res.out == GREETING + OK + OK + b"451 too many recipients, try again later (#4.7.0)\r\n" \
+        + FLUSHED + BYE
 
 
 @pytest.mark.parametrize("value", ["10", "10/0", "ten/60", "-1/60", "10/60s"])

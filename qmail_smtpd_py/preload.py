@@ -1,0 +1,318 @@
+"""Python plugins and SMTPEXTFORK programs without an interpreter per call.
+
+Theory of operation.  qmail-spp starts a plugin afresh at every event, so a
+Python plugin costs a whole interpreter start plus its imports each time.
+In the pool, a plugin or program that is a Python script for this very
+interpreter (its `#!` line names the venv's python) is prepared once, in the
+parent before the workers fork: its source compiled, the modules it imports
+at top level imported.  A call then forks a child from the worker that sets
+up exactly what exec would have given the script (argv, the session's
+environment, the qmail home as working directory, stdin closed or
+/dev/null, stdout the plugin pipe or the log, stderr the log, default
+signal dispositions but SIGPIPE ignored, no other descriptor, a fresh
+`__main__`) and runs it; the child exits as the interpreter would (the
+status of sys.exit, 1 with the traceback for an uncaught exception, 120
+when stdout cannot be flushed at the end), and the time limits of the
+server apply to it unchanged.
+
+What qualifies is decided once at start (again on SIGHUP) and logged, one
+line per program.  Not preloaded, and so run the old way: shell (`:`)
+entries, programs that are not Python scripts for this interpreter
+(another interpreter, interpreter options, C programs), scripts whose
+imports fail in the parent, and scripts that the sessions' user could
+change (the script, a module it imports, or a directory of either writable
+by that user: what the parent imported lives as long as the pool).  A
+script changed since it was prepared, or a session whose environment sets
+PYTHON* variables the pool's does not, runs the old way too.  NOPRELOAD
+set (even empty) in the pool's environment turns all of it off.
+
+State a fork copies is handled: the parent prepares scripts, it never runs
+them, so no connection or socket of theirs exists before the child makes
+it; the child closes every descriptor it does not own, drops the parent's
+atexit handlers, and random is reseeded by Python's own at-fork hook.
+"""
+
+import ast
+import atexit
+import builtins
+import importlib
+import io
+import os
+import signal
+import stat
+import sys
+import types
+
+import attrs
+
+from . import children
+
+PYTHON_NAMES = ("python", "python3", "python%d.%d" % sys.version_info[:2])
+# Signals a preloaded child must find at their defaults (those the pool and the
+# workers handle); SIGPIPE stays ignored, as qmail-smtpd leaves it for its children.
+HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+@attrs.frozen
+class Script:
+    """A prepared Python script."""
+
+    path: str            # absolute, as it is run
+    code: types.CodeType
+    directory: str       # sys.path[0] of the script: its directory, symlinks resolved
+    identity: tuple      # the file when it was prepared (device, inode, size, mtime)
+    modules: int         # modules its imports brought into the parent
+
+    def current(self):
+        """True while the file is the one that was prepared."""
+        try:
+            return _identity(os.stat(self.path)) == self.identity
+        except OSError:
+            return False
+
+
+def _identity(st):
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class NotPreloaded(Exception):
+    """Why a program runs the old way (for the log)."""
+
+
+def prepare(paths, uid, gid, log):
+    """{absolute path: Script} for the programs that qualify among paths
+    (relative to the working directory, the qmail home); one log line for
+    each, saying what was preloaded or why not."""
+    scripts = {}
+    for path in dict.fromkeys(os.path.abspath(os.fsdecode(p)) for p in paths):
+        try:
+            script = examine(path, uid, gid)
+        except NotPreloaded as e:
+            log("serve: not preloaded: %s: %s" % (path, e))
+            continue
+        scripts[path] = script
+        log("serve: preloaded %s (%d modules imported)" % (path, script.modules))
+    return scripts
+
+
+def examine(path, uid, gid):
+    """The Script for path, or NotPreloaded."""
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as f:
+            source = f.read()
+    except OSError as e:
+        raise NotPreloaded(e.strerror) from None
+    if not stat.S_ISREG(st.st_mode) or not st.st_mode & 0o111:
+        raise NotPreloaded("not an executable file")
+    first = source.split(b"\n", 1)[0]
+    if not first.startswith(b"#!"):
+        raise NotPreloaded("no #! line")
+    words = first[2:].split()
+    if not words or not _this_interpreter(os.fsdecode(words[0])):
+        raise NotPreloaded("not a script for %s" % sys.executable)
+    if len(words) > 1:
+        raise NotPreloaded("interpreter options (%s)" % os.fsdecode(b" ".join(words[1:])))
+    _not_writable(path, uid, gid, "the script")
+    try:
+        code = compile(source, path, "exec", dont_inherit=True)
+        tree = ast.parse(source, path)
+    except (SyntaxError, ValueError) as e:
+        raise NotPreloaded("does not compile: %s" % e) from None
+    before = set(sys.modules)
+    for name, required in _top_level_imports(tree):
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - any failure means: the old way
+            if required:
+                raise NotPreloaded("import %s failed: %s: %s" % (name, type(e).__name__, e)) \
+                    from None
+    new = set(sys.modules) - before
+    for name in sorted(new):
+        module_file = getattr(sys.modules[name], "__file__", None)
+        if module_file:
+            _not_writable(module_file, uid, gid, "module %s" % name)
+    return Script(path, code, os.path.dirname(os.path.realpath(path)), _identity(st), len(new))
+
+
+def _this_interpreter(interpreter):
+    """The #! names this interpreter: a python in the directory of ours."""
+    return (os.path.isabs(interpreter)
+            and os.path.dirname(os.path.normpath(interpreter))
+            == os.path.dirname(sys.executable)
+            and os.path.basename(interpreter) in PYTHON_NAMES)
+
+
+def _not_writable(path, uid, gid, what):
+    """NotPreloaded if the user uid/gid (the sessions') could change path:
+    the file, or the directory it is in."""
+    for target in (path, os.path.dirname(path)):
+        try:
+            st = os.stat(target)
+        except OSError:
+            continue
+        if (st.st_mode & 0o002 or st.st_gid == gid and st.st_mode & 0o020
+                or st.st_uid == uid and st.st_mode & 0o200):
+            raise NotPreloaded("%s is writable by the sessions' user (%s)"
+                               % (what, os.fsdecode(target)))
+
+
+def _top_level_imports(tree):
+    """(module name, required) for each import the module itself runs:
+    those in its body, and in if/try/with blocks of it (not required: they
+    may be optional); never those inside functions or classes."""
+    found = []
+
+    def visit(nodes, required):
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                found.extend((alias.name, required) for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 0 and node.module:
+                    found.append((node.module, required))
+                    found.extend(("%s.%s" % (node.module, alias.name), False)
+                                 for alias in node.names if alias.name != "*")
+            elif isinstance(node, (ast.If, ast.Try, ast.With)):
+                for field in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, field, []), False)
+                for handler in getattr(node, "handlers", []):
+                    visit(handler.body, False)
+
+    visit(tree.body, True)
+    return found
+
+
+# ------------------------------------------------------------------ running one
+
+
+def start(script, argv, env, stdout, stdin_null):
+    """Fork a child that runs script as exec would have; returns its pid.
+    stdout: the descriptor to be its fd 1; stdin_null: fd 0 is /dev/null
+    (an SMTPEXTFORK program) rather than closed (a qmail-spp plugin)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+    try:
+        pid = os.fork()
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        raise
+    if pid:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        return pid
+    code = 1
+    try:
+        code = _run(script, argv, env, stdout, stdin_null)
+    except BaseException:  # nothing of the worker may go on in the child
+        pass
+    os._exit(code)
+
+
+def _run(script, argv, env, stdout, stdin_null):
+    # The descriptors exec would leave: 0 closed or /dev/null, 1, 2; no other.
+    if stdout != 1:
+        os.dup2(stdout, 1)
+    if stdin_null:
+        null = os.open("/dev/null", os.O_RDONLY)
+        if null != 0:
+            os.dup2(null, 0)
+    else:
+        os.close(0)
+    os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+    # Signals as exec leaves them: handlers gone, SIGPIPE ignored, none blocked.
+    signal.set_wakeup_fd(-1)
+    for signo in HANDLED:
+        signal.signal(signo, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    # The process as a fresh interpreter running the script would see it.
+    os.environ.clear()
+    os.environb.update(env)
+    sys.argv = [os.fsdecode(a) for a in argv]
+    sys.path[0] = script.directory
+    # New standard streams, as the interpreter makes them at its start.  The
+    # worker's are kept referenced: freed, they would flush into the new fds.
+    _kept.extend((sys.stdin, sys.stdout, sys.stderr))
+    sys.stdin = sys.__stdin__ = _stream(0, "r", "surrogateescape") if stdin_null else None
+    sys.stdout = sys.__stdout__ = _stream(1, "w", "surrogateescape")
+    sys.stderr = sys.__stderr__ = _stream(2, "w", "backslashreplace")
+    main = types.ModuleType("__main__")
+    main.__dict__.update(__file__=script.path, __builtins__=builtins, __cached__=None)
+    sys.modules["__main__"] = main
+    atexit._clear()  # the parent's handlers are not the script's
+    try:
+        exec(script.code, main.__dict__)
+        status = 0
+    except SystemExit as e:
+        status = _exit_status(e.code)
+    except BaseException as e:
+        # as the interpreter shows it: the traceback from the script's frame on
+        e = e.with_traceback(e.__traceback__.tb_next)
+        sys.excepthook(type(e), e, e.__traceback__)
+        status = 1
+    atexit._run_exitfuncs()
+    return _flushed(status)
+
+
+_kept = []
+_STREAM_NAMES = {0: "<stdin>", 1: "<stdout>", 2: "<stderr>"}
+
+
+def _stream(fd, mode, errors):
+    """sys.stdin/stdout/stderr as CPython's create_stdio makes them (UTF-8
+    mode: the server's interpreter runs in it, as a plugin's would)."""
+    raw = io.FileIO(fd, mode, closefd=False)
+    raw.name = _STREAM_NAMES[fd]
+    buffered = (io.BufferedReader if mode == "r" else io.BufferedWriter)(raw)
+    stream = io.TextIOWrapper(buffered, encoding="utf-8", errors=errors,
+                              line_buffering=mode == "w" and os.isatty(fd))
+    stream.mode = mode
+    return stream
+
+
+def _exit_status(code):
+    """The interpreter's exit status for SystemExit(code)."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    try:
+        print(code, file=sys.stderr)
+    except Exception:  # noqa: BLE001
+        pass
+    return 1
+
+
+def _flushed(status):
+    """Flush stdout and stderr as the interpreter does at its end: a failed
+    stdout flush makes the status 120."""
+    try:
+        sys.stdout.flush()
+    except Exception as e:  # noqa: BLE001
+        status = 120
+        try:
+            sys.stderr.write("Exception ignored in: %r\n%s: %s\n" % (sys.stdout,
+                                                                    type(e).__name__, e))
+        except Exception:  # noqa: BLE001
+            pass
+    try:
+        sys.stderr.flush()
+    except Exception:  # noqa: BLE001
+        pass
+    return status
+
+
+def usable(script, env, base_env):
+    """A prepared script can run for this call: unchanged since it was
+    prepared, and no PYTHON* variable of the session differs from the pool's."""
+    if not script.current():
+        return False
+    for name in set(env) | set(base_env):
+        if name.startswith(b"PYTHON") and env.get(name) != base_env.get(name):
+            return False
+    return True
+
+
+def install(scripts, base_env):
+    """Let the children module run these scripts preloaded in this process
+    and the workers it forks."""
+    children.preloaded.clear()
+    children.preloaded.update({os.fsencode(path): (script, base_env)
+                               for path, script in scripts.items()})
