@@ -14,7 +14,7 @@ PORT ?= 2525
 RUNDIR ?= run
 # pytest workers (pytest-xdist): many tests wait on processes and sockets, so
 # more workers than the 2 cores pay off.
-TEST_JOBS ?= 4
+TEST_JOBS ?= 6
 
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml $(wildcard qmail_smtpd_py/*.py qmail_smtpd_py/*/*.py) $(wildcard bin/*) $(wildcard plugins/*)
@@ -66,15 +66,21 @@ run: $(STAMP) tcpserver
 	  MAILDIR=$(CURDIR)/$(RUNDIR)/Maildir \
 	  tcpserver -v -R -H -l localhost -c 20 $(HOST) $(PORT) $(BIN)/qmail-smtpd-py
 
-# Both suites always run; make test fails if either does.
+# Both suites always run; make test fails if either does.  The conformance
+# suite runs while pytest collects once, with bytecode writing on, so that its
+# workers load the rewritten test modules instead of each rewriting them (4-5 s
+# of CPU each).
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(VENV)/bin/python -m pytest
 test: $(STAMP)
-	@status=0; \
-	$(VENV)/bin/python -m pytest -q -n $(TEST_JOBS) t || status=1; \
-	$(MAKE) --no-print-directory conformance || status=1; \
+	@status=0; out=$$(mktemp); \
+	{ $(MAKE) --no-print-directory conformance > "$$out" 2>&1; echo $$? >> "$$out"; } & \
+	$(PYTEST) -q --collect-only t > /dev/null 2>&1; \
+	$(PYTEST) -q -n $(TEST_JOBS) t || status=1; \
+	wait; sed '$$d' "$$out"; [ "$$(tail -n 1 "$$out")" = 0 ] || status=1; rm -f "$$out"; \
 	exit $$status
 
 pytest: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -n $(TEST_JOBS) t
+	$(PYTEST) -q -n $(TEST_JOBS) t
 
 # ruff (configured in pyproject.toml) over the package, scripts, tests and benches.
 lint: $(STAMP)

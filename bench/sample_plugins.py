@@ -1,18 +1,28 @@
-"""What each sample plugin costs per call.
+"""What each sample plugin costs per call: exec'd, and preloaded in the pool.
 
-Runs every installed sample plugin (plugins/, installed next to qmail-smtpd-py) N times
-(default 50, or argv[1]) with the environment of a typical call in its section, stdin
-closed and stdout on a pipe, as the server runs it, and prints the median wall time.
-The DNS plugins ask a DNS server on loopback (t/dnsserver.py) that answers at once, so
-the figure is the plugins' own cost, not the network's. `python -I -c pass` is the
-floor every Python plugin pays (a new interpreter per call). The greylist figure is a
-known triplet in a warm database (the common case after the first day).
+    .venv/bin/python bench/sample_plugins.py [--calls N] [--rounds R] [--exec-only]
 
-The last line is the comparable figure: the slowest plugin's median in ms.
+1. Exec'd, as tcpserver's sessions run them: every installed sample plugin started N
+   times (default 50) with the environment of a typical call in its section, stdin
+   closed and stdout on a pipe; the median wall time.  `python -I -c pass` is the
+   floor every exec'd Python plugin pays.
+2. In the pool (`serve`, running the sessions as nobody, so that the plugins qualify for
+   preloading; this needs root): a pool per plugin with that plugin in [rcpt], and one
+   without plugins; sessions with 10 RCPTs each, one client at a time, the pools taken
+   in turn round after round.  A call costs the difference to the pool without plugins,
+   divided by the calls: wall time and server CPU (the pool's whole process tree).  A
+   `/bin/sh` script is the yardstick of the issue (a preloaded Python call against it).
+3. The chain rbl ([connection]) + mfdnscheck ([mail]) + greylist ([rcpt]) on every
+   session: the pool's sessions/s with the chain against without plugins, 4 clients.
+
+The DNS plugins ask a DNS server on loopback (t/dnsserver.py) that answers at once;
+greylist sees a known triplet in a warm database (the common case after the first day).
 """
 
+import argparse
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -22,16 +32,21 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "t"))
-from _common import SERVER  # noqa: E402
+from _common import SERVER, make_queue, start_server, stop_server, tree_cpu  # noqa: E402
 
 from dnsserver import DNSServer  # noqa: E402
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 50
 BIN = os.path.dirname(SERVER)
 BASE = {"PATH": "/usr/bin:/bin", "TCPREMOTEIP": "192.0.2.7", "TCPLOCALIP": "127.0.0.1",
         "SMTPHELOHOST": "client.example", "SMTPMAILFROM": "a@example.com",
         "SMTPRCPTTO": "u@example.org", "SMTPRCPTCOUNT": "0", "SMTPRCPTCOUNTALL": "1",
         "SMTPRCPTHOSTSOK": "1"}
+RECORDS = {"example.com": {"MX": ["10 mx.example.com."]},
+           "7.2.0.192.zen.test": {}, "1.0.0.127.zen.test": {}}  # not listed: the usual answer
+RCPTS = 10
+
+
+# ------------------------------------------------------------------ exec'd
 
 
 def timed(argv, env, cwd):
@@ -41,45 +56,191 @@ def timed(argv, env, cwd):
     return time.perf_counter() - t0
 
 
-def median_ms(argv, env, cwd):
-    timed(argv, env, cwd)  # warm the page cache and, for greylist, the database
-    return statistics.median(timed(argv, env, cwd) for _ in range(N)) * 1000
+def exec_costs(args, home, dns):
+    dns_env = {"DNSCACHEIP": dns.cacheip}
+    cases = [
+        ("python -I -c pass", [sys.executable, "-I", "-c", "pass"], {}),
+        ("ifauthnext", ["ifauthnext"], {"SMTPAUTHUSER": "joe"}),
+        ("authlog", ["authlog"], {"SMTPAUTHUSER": "joe", "SMTPAUTHMETHOD": "plain"}),
+        ("tarpit (under the count)", ["tarpit"], {"TARPITCOUNT": "50"}),
+        ("badhelo (2 names)", ["badhelo", "example.net", ".spam.test"], {}),
+        ("mfdnscheck (MX found)", ["mfdnscheck"], dns_env),
+        ("rbl (not listed)", ["rbl", "zen.test"], dns_env),
+        ("greylist (known triplet)", ["greylist"],
+         {"GREYLIST_DB": os.path.join(home, "exec-greylist.sqlite3"), "GREYLIST_DELAY": "0"}),
+    ]
+    print("sample_plugins: exec'd, median of %d calls:" % args.calls)
+    results = []
+    for name, argv, extra in cases:
+        if not os.path.isabs(argv[0]):
+            argv = [os.path.join(BIN, argv[0])] + argv[1:]
+        env = dict(BASE, **extra)
+        timed(argv, env, home)  # warm the page cache and, for greylist, the database
+        ms = statistics.median(timed(argv, env, home) for _ in range(args.calls)) * 1000
+        results.append((name, ms))
+        print("  %-28s %6.1f ms" % (name, ms))
+    return results
+
+
+# ------------------------------------------------------------------ in the pool
+
+
+def pool_home(root):
+    """A qmail home and queue that nobody can read (the pool's sessions run as nobody)."""
+    home = os.path.join(root, "home")
+    os.makedirs(os.path.join(home, "control"))
+    os.makedirs(os.path.join(home, "var"))
+    os.chmod(os.path.join(home, "var"), 0o777)  # greylist's database
+    for name, text in {"me": "bench.example\n", "rcpthosts": "example.com\n",
+                       "smtpplugins": ""}.items():
+        with open(os.path.join(home, "control", name), "w") as f:
+            f.write(text)
+    queue = os.path.join(root, "discard-queue")
+    make_queue(queue)
+    sh = os.path.join(root, "sh-plugin")
+    with open(sh, "w") as f:
+        f.write("#!/bin/sh\n")
+    os.chmod(sh, 0o755)
+    subprocess.run(["chmod", "-R", "a+rX", root], check=True)
+    return home, queue, sh
+
+
+def session_bytes(rcpts):
+    return (b"HELO client.example\r\nMAIL FROM:<a@example.com>\r\n"
+            + b"".join(b"RCPT TO:<u%d@example.com>\r\n" % i for i in range(rcpts))
+            + b"DATA\r\nSubject: bench\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+
+
+def sessions(port, count, rcpts):
+    data = session_bytes(rcpts)
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(data)
+            reply = b""
+            while b"\r\n221 " not in reply:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            if reply.count(b"250 ok\r\n") < rcpts + 1:  # MAIL and each RCPT
+                raise SystemExit("session failed: %r" % reply[-300:])
+
+
+def start_pool(home, queue, env, sections):
+    """A pool with its own qmail-spp configuration (SPPCONFFILE: the homes are shared)."""
+    conf = os.path.join(home, "control", "smtpplugins-%d" % len(os.listdir(
+        os.path.join(home, "control"))))
+    with open(conf, "w") as f:
+        f.write("".join("[%s]\n%s\n" % item for item in sections))
+    os.chmod(conf, 0o644)
+    full = dict(env, QMAILHOME=home, QMAILQUEUE=queue, SPPCONFFILE=conf)
+    return start_server("pool", full, "bench.example",
+                        options=("-u", "65534", "-g", "65534", "--min-spare", "2"))
+
+
+def pool_costs(args, root, dns):
+    home, queue, sh = pool_home(root)
+    env = {"PATH": "/usr/bin:/bin", "DNSCACHEIP": dns.cacheip, "GREYLIST_DELAY": "0",
+           "RBL_ZONES": "zen.test"}
+    cases = [("no plugin", None), ("/bin/sh script", sh),
+             ("ifauthnext", os.path.join(BIN, "ifauthnext")),
+             ("tarpit (under the count)", os.path.join(BIN, "tarpit")),
+             ("mfdnscheck (MX found)", os.path.join(BIN, "mfdnscheck")),
+             ("rbl (not listed)", os.path.join(BIN, "rbl")),
+             ("greylist (known triplet)", os.path.join(BIN, "greylist"))]
+    servers = {}
+    try:
+        for name, plugin in cases:
+            servers[name] = start_pool(home, queue, dict(env, TARPITCOUNT="50"),
+                                       [("rcpt", plugin)] if plugin else [])
+        port = servers["greylist (known triplet)"][1]
+        try:  # greylist learns its triplets: a first attempt, then a retry a second later
+            sessions(port, 1, RCPTS)
+        except SystemExit:
+            pass
+        time.sleep(1.5)
+        for _, port in servers.values():
+            sessions(port, 5, RCPTS)  # warm up
+        figures = {}
+        count = args.calls
+        for _ in range(args.rounds):
+            for name, _ in cases:
+                proc, port = servers[name]
+                cpu0, t0 = tree_cpu(proc.pid), time.perf_counter()
+                sessions(port, count, RCPTS)
+                wall = time.perf_counter() - t0
+                time.sleep(0.1)
+                figures.setdefault(name, []).append(((tree_cpu(proc.pid) - cpu0) / count,
+                                                     wall / count))
+    finally:
+        for proc, _ in servers.values():
+            stop_server(proc)
+    base = figures.pop("no plugin")
+    print("sample_plugins: in the pool (preloaded, sessions as nobody), per call: wall, "
+          "server CPU")
+    results = {}
+    for name, runs in figures.items():
+        walls = [(w - bw) / RCPTS * 1000 for (_, w), (_, bw) in zip(runs, base)]
+        cpus = [(c - bc) / RCPTS * 1000 for (c, _), (bc, _) in zip(runs, base)]
+        results[name] = (statistics.median(walls), statistics.median(cpus))
+        print("  %-28s %6.2f ms %6.2f ms" % (name, *results[name]))
+    sh_wall, sh_cpu = results["/bin/sh script"]
+    py_wall, py_cpu = results["ifauthnext"]
+    print("sample_plugins: a preloaded Python plugin call (ifauthnext) against a /bin/sh "
+          "one: %.2fx wall, %.2fx CPU" % (py_wall / sh_wall, py_cpu / sh_cpu))
+    return home, queue, env
+
+
+def chain(args, home, queue, env):
+    """The chain on every session against no plugins: sessions/s at 4 clients."""
+    sys.path.insert(0, HERE)
+    from pool import own_clients
+    chained = [("connection", os.path.join(BIN, "rbl")), ("mail", os.path.join(BIN, "mfdnscheck")),
+               ("rcpt", os.path.join(BIN, "greylist"))]
+    servers = {"without plugins": start_pool(home, queue, env, []),
+               "with the chain": start_pool(home, queue, env, chained)}
+    rates = {}
+    try:
+        time.sleep(1.5)  # the chain's greylist shares pool_costs' database: triplets known
+        for _, port in servers.values():
+            own_clients(port, 4, 40)
+        for _ in range(args.rounds):
+            for name, (_, port) in servers.items():
+                seconds = own_clients(port, 4, 400)
+                rates.setdefault(name, []).append(400 / seconds)
+    finally:
+        for proc, _ in servers.values():
+            stop_server(proc)
+    ratios = [c / w for c, w in zip(rates["with the chain"], rates["without plugins"])]
+    print("sample_plugins: pool, 4 clients, rbl + mfdnscheck + greylist on every session: "
+          "%.0f/s, without plugins %.0f/s: %.2fx" % (
+              statistics.median(rates["with the chain"]),
+              statistics.median(rates["without plugins"]), statistics.median(ratios)))
 
 
 def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--calls", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--exec-only", action="store_true")
+    args = ap.parse_args()
     if not os.path.exists(os.path.join(BIN, "tarpit")):
         sys.exit("the sample plugins are not installed next to %s: run `make bench`" % SERVER)
-    home = tempfile.mkdtemp(prefix="bench-plugins-")
-    records = {"example.com": {"MX": ["10 mx.example.com."]},
-               "7.2.0.192.zen.test": {}}  # not listed: the usual answer
+    root = tempfile.mkdtemp(prefix="bench-plugins-")
+    os.chmod(root, 0o755)
     try:
-        with DNSServer(records) as dns:
-            dns_env = {"DNSCACHEIP": dns.cacheip}
-            cases = [
-                ("python -I -c pass", [sys.executable, "-I", "-c", "pass"], {}),
-                ("ifauthnext", ["ifauthnext"], {"SMTPAUTHUSER": "joe"}),
-                ("authlog", ["authlog"], {"SMTPAUTHUSER": "joe", "SMTPAUTHMETHOD": "plain"}),
-                ("tarpit (under the count)", ["tarpit"], {"TARPITCOUNT": "50"}),
-                ("badhelo (2 names)", ["badhelo", "example.net", ".spam.test"], {}),
-                ("mfdnscheck (MX found)", ["mfdnscheck"], dns_env),
-                ("rbl (not listed)", ["rbl", "zen.test"], dns_env),
-                ("greylist (known triplet)", ["greylist"],
-                 {"GREYLIST_DB": os.path.join(home, "greylist.sqlite3"),
-                  "GREYLIST_DELAY": "0"}),
-            ]
-            results = []
-            for name, argv, extra in cases:
-                if not os.path.isabs(argv[0]):
-                    argv = [os.path.join(BIN, argv[0])] + argv[1:]
-                ms = median_ms(argv, dict(BASE, **extra), home)
-                results.append((name, ms))
-                print("  %-28s %6.1f ms" % (name, ms))
+        with DNSServer(RECORDS) as dns:
+            exec_costs(args, root, dns)
+            if args.exec_only:
+                return
+            if os.geteuid() != 0:
+                print("sample_plugins: the pool part needs root (its sessions run as nobody, "
+                      "so that the plugins qualify for preloading)")
+                return
+            home, queue, env = pool_costs(args, root, dns)
+            chain(args, home, queue, env)
     finally:
-        shutil.rmtree(home, ignore_errors=True)
-    floor = results[0][1]
-    name, slowest = max(results[1:], key=lambda r: r[1])
-    print("sample_plugins: %d calls each: slowest %s %.1f ms (python -I -c pass %.1f ms, "
-          "ratio %.2f)" % (N, name, slowest, floor, slowest / floor))
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

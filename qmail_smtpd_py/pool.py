@@ -861,9 +861,11 @@ class Worker:
             pool.log("serve: %s: %s: %s" % (connection_id, type(e).__name__, e))
         finally:
             conn.close()
-            if options.verbose and pool.scoreboard.state(self.slot) == BUSY:
-                self._report("E %s %d" % (connection_id, code))
+            # idle before the end line: once it is logged, -C counts this one no more
+            ended = pool.scoreboard.state(self.slot) == BUSY
             pool.scoreboard.set_state(self.slot, IDLE)
+            if options.verbose and ended:
+                self._report("E %s %d" % (connection_id, code))
 
     def _environment(self, local, remote, rule):
         pool, options = self.pool, self.options

@@ -11,10 +11,13 @@ start per call.
 
 import contextlib
 import os
+import tempfile
 
 from qmail_smtpd_py import children, preload
+from qmail_smtpd_py.core.session import Session
 
-from world import World
+from helpers import Result, server_env
+from world import World, load_config
 
 SESSION_USER = (65534, 65534)  # whose writes would disqualify a script (nobody)
 
@@ -42,6 +45,46 @@ class PluginWorld(World):
     def run_program(self, request):
         self.program_runs.append((request.path, request.env))
         return children.run_program(request.path, request.env, request.time_limit)
+
+    def check_password(self, request):
+        """A real checkpassword, unless the test gave the answer (checkpassword=)."""
+        if self.checkpassword_answer is not None:
+            return super().check_password(request)
+        self.checkpassword.append(request.data)
+        self.checkpassword_envs.append(request.env)
+        return children.check_password(request.argv, request.data, request.env)
+
+
+def run_home(data, home, env=None, args=(), pid=b"77"):
+    """One session as the installed server would run it in this qmail home
+    (a helpers.Home; env and args as for helpers.run_smtp), played in this
+    process: the configuration loaded from the home, plugins, programs and
+    checkpassword real processes run in the home (the preloaded ones forked
+    from here), the queue the reference world's.  Returns a helpers.Result
+    whose err is what the children wrote to stderr, then the session's log."""
+    environ = {os.fsencode(k): os.fsencode(v) for k, v in server_env(home, env).items()}
+    cfg = load_config(home, environ, args)
+    world = PluginWorld(data)
+    err = bytearray()
+    with contextlib.chdir(home.path), _stderr_captured(err):
+        world.play(Session(cfg, environ, pid).run())
+    return Result(world.out, world.status, world.queued, bytes(err) + world.err)
+
+
+@contextlib.contextmanager
+def _stderr_captured(into):
+    """fd 2 goes to a temporary file while the block runs (children inherit
+    it); what was written is then added to the bytearray into."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            f.seek(0)
+            into += f.read()
 
 
 @contextlib.contextmanager

@@ -3,9 +3,12 @@
 Each test builds a qmail home whose control/smtpplugins names the installed
 plugin (next to the server in the venv's bin/), points the plugins at a real
 DNS server on loopback (dnsserver.DNSServer, UDP and TCP) through
-DNSCACHEIP=127.0.0.1:PORT, runs one SMTP session over pipes and compares the
-replies, what the DNS server was asked and the log (the server's stderr,
-which plugins share).  Temporary failures use SERVFAIL and a server that
+DNSCACHEIP=127.0.0.1:PORT, runs one SMTP session and compares the replies,
+what the DNS server was asked and the log (the server's stderr, which
+plugins share).  The sessions are played in-process (plugin_world.run_home:
+the core with the home's configuration, the plugin a real process) with
+both plugins preloaded as the pool runs them, rbl as a plain entry with
+RBL_ARGS; the shell-entry tests run the installed server over pipes.  Temporary failures use SERVFAIL and a server that
 never answers, with a small DNSTIMEOUT; only outcomes are asserted, never
 durations.
 
@@ -20,6 +23,7 @@ import pytest
 
 from dnsserver import NXDOMAIN, REFUSED, SERVFAIL, SLOW, DNSServer
 from helpers import BIN_DIR, BYE, GREETING, HELO250, OK, crlf, run_smtp
+from plugin_world import preloaded, run_home
 
 MFDNSCHECK = os.path.join(BIN_DIR, "mfdnscheck")
 RBL = os.path.join(BIN_DIR, "rbl")
@@ -54,11 +58,19 @@ def plugin_home(make_home, section, entry):
     return make_home(control={"smtpplugins": "[%s]\n%s\n" % (section, entry)})
 
 
-def run(home, data, dns, env=None, args=()):
-    """One session with DNSCACHEIP at `dns`; asserts the log has no traceback."""
+@pytest.fixture(scope="module", autouse=True)
+def plugins_preloaded():
+    with preloaded(MFDNSCHECK, RBL, base_env={}):
+        yield
+
+
+def run(home, data, dns, env=None, args=(), process=False):
+    """One session with DNSCACHEIP at `dns` (in-process, or with process the
+    installed server), and the home's env; asserts the log has no traceback."""
     full = {"DNSCACHEIP": dns.cacheip, "DNSTIMEOUT": "2"}
+    full.update(getattr(home, "env", {}))
     full.update(env or {})
-    res = run_smtp(data, env=full, home=home, args=args)
+    res = (run_smtp if process else run_home)(data, env=full, home=home, args=args)
     assert b"Traceback" not in res.err, res.err.decode(errors="replace")
     assert res.status == 0
     return res
@@ -235,7 +247,20 @@ LISTED6 = ".".join("20010db8000000000000000000000001"[::-1]) + ".bl.test"
 
 
 def rbl_home(make_home, args="bl.test", section="mail"):
-    return plugin_home(make_home, section, ":%s %s" % (RBL, args))
+    """rbl as a plain entry in that section, args in RBL_ARGS (home.env)."""
+    home = plugin_home(make_home, section, RBL)
+    home.env = {"RBL_ARGS": args}
+    return home
+
+
+def test_rbl_shell_entry_takes_its_arguments(make_home, listed):
+    home = plugin_home(make_home, "mail", ":%s -b bl.test" % RBL)
+    res = run(home, mail(b"a@b.test"), listed, dict(client("192.0.2.99"), RBL_ARGS="-c x.test"),
+              process=True)
+    assert res.out == (GREETING + HELO250
+                       + b"553 Listed by bl.test, see http://bl.test/192.0.2.99 (#5.7.1)\r\n"
+                       + BYE)
+    assert listed.queried("A") == [LISTED4]
 
 
 def client(ip):

@@ -139,7 +139,12 @@ def test_sample_plugins_installed_with_the_venvs_python(prefix):
     """lib/qmail-smtpd-py/plugins/NAME for each sample plugin, runnable as it is (the
     helper module, dnspython and redis-py come with it)."""
     plugins = os.path.join(prefix, "lib", "qmail-smtpd-py", "plugins")
-    assert sorted(os.listdir(plugins)) == sorted(os.listdir(os.path.join(REPO, "plugins")))
+    links = ["ratelimit-" + s for s in ("connection", "mail", "rcpt")]
+    assert sorted(os.listdir(plugins)) == sorted(os.listdir(os.path.join(REPO, "plugins"))
+                                                 + links)
+    for name in links:  # the sections' plain entries (a link's name is its section)
+        assert os.path.realpath(os.path.join(plugins, name)) == os.path.realpath(
+            os.path.join(plugins, "ratelimit"))
     for name in os.listdir(plugins):
         with open(os.path.join(plugins, name), "rb") as f:
             assert f.readline().startswith(b"#!%s" % os.fsencode(

@@ -1222,7 +1222,7 @@ def reference_verdict(model, rcpt):
     return REJECT, home, dash, ext
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(models(), st.lists(addresses, min_size=1, max_size=8))
 def test_resolver_agrees_with_the_reference(model, rcpts):
     with tempfile.TemporaryDirectory(prefix="rcptcheck-prop-") as root:

@@ -11,6 +11,11 @@ that dies mid-run is killed by a [rcpt] plugin listed before the one under test
 hangs is redisserver.SilentServer.  Only outcomes and log lines are asserted, never
 durations (speed: bench/redis_plugins.py).
 
+The sessions are played in-process (plugin_world.run_home: the core with the
+home's configuration, the plugins real processes) with greylist and ratelimit
+preloaded as the pool runs them; the two-host tests run the installed server
+over pipes.
+
 Behaviour: plugins/greylist and plugins/ratelimit (their docstrings are the manuals),
 qmail_smtpd_py/plugin_redis.py.
 """
@@ -26,6 +31,7 @@ from test_auth import LOGIN_PLAIN, ehlo
 from test_greylist import ACCEPTED, GREYLIST, GREYLISTED, REFUSED, RedisStore, session
 
 from helpers import ACC, BIN_DIR, BYE, GO, GREETING, OK, crlf, free_port, norm, run_smtp
+from plugin_world import preloaded, run_home
 from redisserver import RedisServer, SilentServer
 
 RATELIMIT = os.path.join(BIN_DIR, "ratelimit")
@@ -40,12 +46,27 @@ EHLO = ehlo(LOGIN_PLAIN)
 FLUSHED = b"250 flushed\r\n"
 
 
-def run(home, data, ip="192.0.2.7", env=None, args=(), redis_trouble=False):
-    """One session; the log never has a traceback, and unless redis_trouble it
-    never says that Redis could not be used."""
+SECTIONS = ("connection", "mail", "rcpt")
+LINKS = {}  # section: the ratelimit-SECTION link to ratelimit (as make install makes)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def plugins_preloaded(tmp_path_factory):
+    links = tmp_path_factory.mktemp("ratelimit-links")
+    for section in SECTIONS:
+        LINKS[section] = str(links / ("ratelimit-" + section))
+        os.symlink(RATELIMIT, LINKS[section])
+    with preloaded(GREYLIST, RATELIMIT, *LINKS.values(), base_env={}):
+        yield
+
+
+def run(home, data, ip="192.0.2.7", env=None, args=(), redis_trouble=False, process=False):
+    """One session (in-process, or with process the installed server); the log
+    never has a traceback, and unless redis_trouble it never says that Redis
+    could not be used."""
     full = {"TCPREMOTEIP": ip}
     full.update(env or {})
-    res = run_smtp(data, env=full, home=home, args=args)
+    res = (run_smtp if process else run_home)(data, env=full, home=home, args=args)
     assert b"Traceback" not in res.err, res.err.decode(errors="replace")
     if not redis_trouble:
         assert b"cannot use" not in res.err, res.err
@@ -72,7 +93,8 @@ def stopper(server):
 
 
 def log_lines(err, name):
-    return re.findall(rb"^%s: pid \d+: (.*)$" % name.encode(), err, re.MULTILINE)
+    """The texts the plugin logged (as NAME or, run through a link, NAME-SECTION)."""
+    return re.findall(rb"^%s(?:-[a-z]+)?: pid \d+: (.*)$" % name.encode(), err, re.MULTILINE)
 
 
 # ================================================================== greylist on Redis
@@ -86,10 +108,11 @@ def grey_redis(fresh_redis, make_home):
 
 
 def attempt(home, ip="192.0.2.10", sender=b"a@sender.test", rcpt=b"u@example.com", env=None,
-            redis_trouble=False):
+            redis_trouble=False, process=False):
     full = dict(home.store.env)
     full.update(env or {})
-    return run(home, session(sender, rcpt), ip=ip, env=full, redis_trouble=redis_trouble)
+    return run(home, session(sender, rcpt), ip=ip, env=full, redis_trouble=redis_trouble,
+               process=process)
 
 
 def test_greylist_on_redis_is_shared_by_two_hosts(fresh_redis, make_home):
@@ -97,15 +120,15 @@ def test_greylist_on_redis_is_shared_by_two_hosts(fresh_redis, make_home):
     mx1 = plugin_home(make_home, ("rcpt", [GREYLIST]))
     mx2 = plugin_home(make_home, ("rcpt", [GREYLIST]))
     mx1.store = mx2.store = store = RedisStore(fresh_redis)
-    assert attempt(mx1).out == REFUSED  # first seen
-    assert attempt(mx2).out == REFUSED  # an early retry, at the other host
+    assert attempt(mx1, process=True).out == REFUSED  # first seen
+    assert attempt(mx2, process=True).out == REFUSED  # an early retry, at the other host
     ((*_, passed, attempts),) = store.rows()
     assert passed is None and attempts == 2
     store.age(300, "first_seen")
-    res = attempt(mx2)  # after the delay
+    res = attempt(mx2, process=True)  # after the delay
     assert res.out == ACCEPTED
     assert log_lines(res.err, "greylist")[0].startswith(b"passed after ")
-    assert attempt(mx1).out == ACCEPTED  # confirmed: passes at once, anywhere
+    assert attempt(mx1, process=True).out == ACCEPTED  # confirmed: passes at once, anywhere
     ((*_, passed, attempts),) = store.rows()
     assert passed is not None and attempts == 4
     store.age(36 * 86400, "last_seen")
@@ -276,8 +299,8 @@ def auth_session(user, count=1):
 
 
 def limited(make_home, section, *before):
-    """A home with `:ratelimit SECTION` in that section (after the entries before)."""
-    return plugin_home(make_home, (section, [*before, ":%s %s" % (RATELIMIT, section)]))
+    """A home with ratelimit-SECTION in that section (after the entries before)."""
+    return plugin_home(make_home, (section, [*before, LINKS[section]]))
 
 
 def counter(server, name):
@@ -307,8 +330,8 @@ def test_ratelimit_messages_are_counted_across_two_hosts(fresh_redis, make_home)
     mx1, mx2 = limited(make_home, "mail"), limited(make_home, "mail")
     env = rl_env(fresh_redis, messages="3/3600")
     for home in (mx1, mx2, mx1):
-        assert run(home, mail_session(), env=env).out == GREETING + OK + OK + FLUSHED + BYE
-    res = run(mx2, mail_session(), env=env)
+        assert run(home, mail_session(), env=env, process=True).out == GREETING + OK + OK + FLUSHED + BYE
+    res = run(mx2, mail_session(), env=env, process=True)
     assert res.out == GREETING + MESSAGES + b"503 MAIL first (#5.5.1)\r\n" + FLUSHED + BYE
     assert log_lines(res.err, "ratelimit") == [
         b"too many messages from network 192.0.2.7/32 (RATELIMIT_MESSAGES=3/3600); refused"]
@@ -431,6 +454,13 @@ def test_ratelimit_without_limits_does_nothing(make_home):
     res = run(home, mail_session(rcpts=2), env=env)
     assert res.out == GREETING + OK + OK + OK + FLUSHED + BYE
     assert log_lines(res.err, "ratelimit") == []
+
+
+def test_ratelimit_takes_its_section_as_argument(fresh_redis, make_home):
+    """`:ratelimit rcpt` (a shell entry, never preloaded) works as ratelimit-rcpt."""
+    home = plugin_home(make_home, ("rcpt", [":%s rcpt" % RATELIMIT]))
+    res = run(home, mail_session(rcpts=2), env=rl_env(fresh_redis, recipients="1/60"))
+    assert res.out == GREETING + OK + OK + RECIPIENTS + FLUSHED + BYE
 
 
 @pytest.mark.parametrize("entry", ["{plugin}", ":{plugin} data", ":{plugin} mail rcpt"])

@@ -1,6 +1,8 @@
 """The sample plugins tarpit, authlog, ifauthnext and badhelo, as installed (next to
-qmail-smtpd-py, with the venv's interpreter in their first line), run by the installed
-server over pipes and, for some, under the real tcpserver driven by swaks.
+qmail-smtpd-py, with the venv's interpreter in their first line), in sessions played
+in-process (plugin_world.run_home: the core with the home's configuration, the plugins
+real processes, preloaded as the pool runs them) and, for some, under the real
+tcpserver driven by swaks.
 
 No test measures time: tarpit's delays are seen in its log line, and the slow ones are
 cut short with SPPTIMEOUT (the plugin is killed: 451 ... child crashed), which also
@@ -25,8 +27,8 @@ from helpers import (
     crlf,
     norm,
     require_tools,
-    run_smtp,
 )
+from plugin_world import preloaded, run_home
 
 TARPIT = os.path.join(BIN_DIR, "tarpit")
 AUTHLOG = os.path.join(BIN_DIR, "authlog")
@@ -59,8 +61,14 @@ def configure(home, *sections):
     home.control("smtpplugins", "\n".join(lines) + "\n")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def plugins_preloaded():
+    with preloaded(TARPIT, AUTHLOG, IFAUTHNEXT, BADHELO, base_env={}):
+        yield
+
+
 def run(home, *lines, env=None, args=()):
-    return run_smtp(crlf(*lines), env=env, home=home, args=args)
+    return run_home(crlf(*lines), env=env, home=home, args=args)
 
 
 def server_pid(err):

@@ -88,8 +88,11 @@ def certs(tmp_path_factory):
     (d / "server.ext").write_text("subjectAltName=DNS:mx.test,IP:127.0.0.1\n"
                                   "basicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
     (d / "client.ext").write_text("basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n")
+    # The server's key is RSA (the ECDHE-RSA suites); the others are P-256, which
+    # is quick to make (each pytest worker makes its own set).
+    ec = ("ec", "-pkeyopt", "ec_paramgen_curve:prime256v1")
     for ca, cn in (("ca", CA_NAME), ("rogueca", "some other CA")):
-        _openssl(d, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca + ".key",
+        _openssl(d, "req", "-x509", "-newkey", *ec, "-nodes", "-keyout", ca + ".key",
                  "-out", ca + ".pem", "-days", "30", "-subj", "/CN=" + cn,
                  "-addext", "basicConstraints=critical,CA:TRUE",
                  "-addext", "keyUsage=critical,keyCertSign,cRLSign")
@@ -100,7 +103,8 @@ def certs(tmp_path_factory):
               ("rogue", "/CN=Joe/emailAddress=" + JOE, "client.ext", "rogueca"),
               ("revoked", "/CN=Joe/emailAddress=" + JOE, "client.ext", "ca"))
     for serial, (name, subject, ext, ca) in enumerate(issued, 1):
-        _openssl(d, "req", "-newkey", "rsa:2048", "-nodes", "-keyout", name + ".key",
+        key = ("rsa:2048",) if name == "server" else ec
+        _openssl(d, "req", "-newkey", *key, "-nodes", "-keyout", name + ".key",
                  "-out", name + ".csr", "-subj", subject)
         _openssl(d, "x509", "-req", "-in", name + ".csr", "-CA", ca + ".pem", "-CAkey",
                  ca + ".key", "-set_serial", str(serial), "-days", "30", "-out",
