@@ -14,6 +14,10 @@
    `/bin/sh` script is the yardstick of the issue (a preloaded Python call against it).
 3. The chain rbl ([connection]) + mfdnscheck ([mail]) + greylist ([rcpt]) on every
    session: the pool's sessions/s with the chain against without plugins, 4 clients.
+4. One process per connection, as under tcpserver (the installed server over pipes):
+   a session with the plugin in [rcpt] and 1 or 10 RCPTs, the plugin prepared at its
+   first call (the default) against NOPRELOAD (exec'd each call), interleaved; the
+   median wall time of the whole session.
 
 The DNS plugins ask a DNS server on loopback (t/dnsserver.py) that answers at once;
 greylist sees a known triplet in a warm database (the common case after the first day).
@@ -41,7 +45,7 @@ BASE = {"PATH": "/usr/bin:/bin", "TCPREMOTEIP": "192.0.2.7", "TCPLOCALIP": "127.
         "SMTPHELOHOST": "client.example", "SMTPMAILFROM": "a@example.com",
         "SMTPRCPTTO": "u@example.org", "SMTPRCPTCOUNT": "0", "SMTPRCPTCOUNTALL": "1",
         "SMTPRCPTHOSTSOK": "1"}
-RECORDS = {"example.com": {"MX": ["10 mx.example.com."]},
+RECORDS = {"example.com": {"MX": ["10 mx.example.com."]}, "client.example": {"MX": ["10 mx."]},
            "7.2.0.192.zen.test": {}, "1.0.0.127.zen.test": {}}  # not listed: the usual answer
 RCPTS = 10
 
@@ -194,14 +198,19 @@ def pool_costs(args, root, dns):
 def chain(args, home, queue, env):
     """The chain on every session against no plugins: sessions/s at 4 clients."""
     sys.path.insert(0, HERE)
-    from pool import own_clients
+    from _common import session
+    from pool import MESSAGE, one_session, own_clients
     chained = [("connection", os.path.join(BIN, "rbl")), ("mail", os.path.join(BIN, "mfdnscheck")),
                ("rcpt", os.path.join(BIN, "greylist"))]
     servers = {"without plugins": start_pool(home, queue, env, []),
                "with the chain": start_pool(home, queue, env, chained)}
     rates = {}
     try:
-        time.sleep(1.5)  # the chain's greylist shares pool_costs' database: triplets known
+        try:  # greylist learns the bench's triplet: refused now, known a second later
+            one_session(servers["with the chain"][1], session(MESSAGE), None)
+        except SystemExit:
+            pass
+        time.sleep(1.5)
         for _, port in servers.values():
             own_clients(port, 4, 40)
         for _ in range(args.rounds):
@@ -216,6 +225,39 @@ def chain(args, home, queue, env):
           "%.0f/s, without plugins %.0f/s: %.2fx" % (
               statistics.median(rates["with the chain"]),
               statistics.median(rates["without plugins"]), statistics.median(ratios)))
+
+
+def per_connection(args, home, queue, env):
+    """Sessions of the server over pipes (a process per connection), default
+    against NOPRELOAD, for a few plugins and RCPT counts."""
+    cases = [("ifauthnext", os.path.join(BIN, "ifauthnext")),
+             ("mfdnscheck", os.path.join(BIN, "mfdnscheck")),
+             ("greylist (known triplet)", os.path.join(BIN, "greylist"))]
+    print("sample_plugins: one process per connection (over pipes), session wall time, "
+          "median of %d: prepared at the first call / NOPRELOAD" % args.calls)
+    for name, plugin in cases:
+        conf = os.path.join(home, "control", "smtpplugins-pc")
+        with open(conf, "w") as f:
+            f.write("[rcpt]\n%s\n" % plugin)
+        full = dict(env, QMAILHOME=home, QMAILQUEUE=queue, SPPCONFFILE=conf,
+                    TCPREMOTEIP="192.0.2.7", TCPLOCALIP="127.0.0.1", TCPLOCALHOST="mx.test")
+        # greylist: the triplets seen once, then (GREYLIST_DELAY=0) known a second later
+        subprocess.run([SERVER], input=session_bytes(RCPTS), env=full, capture_output=True,
+                       cwd=home)
+        time.sleep(1.5)
+        for rcpts in (1, RCPTS):
+            data = session_bytes(rcpts)
+            times = {"prepared": [], "NOPRELOAD": []}
+            for _ in range(args.calls):
+                for mode, extra in (("prepared", {}), ("NOPRELOAD", {"NOPRELOAD": ""})):
+                    t0 = time.perf_counter()
+                    out = subprocess.run([SERVER], input=data, env=dict(full, **extra),
+                                         capture_output=True, cwd=home).stdout
+                    times[mode].append(time.perf_counter() - t0)
+                    if out.count(b"250 ok") < rcpts + 1:
+                        raise SystemExit("session failed: %r" % out[-300:])
+            a, b = (statistics.median(times[m]) * 1000 for m in ("prepared", "NOPRELOAD"))
+            print("  %-28s %2d RCPT  %6.1f ms  %6.1f ms  (%.2fx)" % (name, rcpts, a, b, a / b))
 
 
 def main():
@@ -238,6 +280,7 @@ def main():
                       "so that the plugins qualify for preloading)")
                 return
             home, queue, env = pool_costs(args, root, dns)
+            per_connection(args, home, queue, env)
             chain(args, home, queue, env)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -11,6 +11,7 @@ failed, never what that means for the client.
 import errno
 import os
 import select
+import sys
 import time
 from _signal import SIGKILL, SIGPIPE  # built in: the signal module costs an import
 
@@ -31,8 +32,14 @@ from .core.requests import (
 )
 
 # Python scripts the pool prepared (preload.py): path -> (Script, the pool's
-# environment).  Empty under tcpserver, where everything is exec'd.
+# environment).
 preloaded = {}
+# Under tcpserver (one process per connection) a Python script is prepared at
+# its first call instead, when this holds the connection's environment (the
+# driver sets it unless NOPRELOAD is set): what a call saves is the
+# interpreter start, so from its first call on a fork is cheaper.  Paths that
+# did not qualify are remembered as None.
+prepare_on_first_use = None
 READ_SIZE = 1 << 16
 MAX_LINE = 1 << 20  # longer plugin output lines are cut here (memory stays bounded)
 _NO_PROCESS = {errno.EAGAIN, errno.ENOMEM}  # posix_spawn could not make a process
@@ -79,12 +86,36 @@ def spawn(path, argv, env, file_actions, setsigdef=(), search_path=False):
 
 def _preloaded(path, env):
     """The prepared Script to run for path now, or None (exec it)."""
-    entry = preloaded.get(os.path.abspath(path))
-    if entry is None:
+    path = os.path.abspath(path)
+    entry = preloaded.get(path, False)
+    if entry is False and prepare_on_first_use is not None:
+        entry = preloaded[path] = _prepare(path)
+    if entry is None or entry is False:
         return None
-    from . import preload  # the pool has loaded it: no import here
+    from . import preload  # loaded by the pool, or by _prepare
     script, base_env = entry
     return script if preload.usable(script, env, base_env) else None
+
+
+def _prepare(path):
+    """(Script, environment) for a script of this interpreter, or None.  The
+    #! line is looked at first: preload.py costs an import (some 15 ms), which
+    only a Python script can pay back."""
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(512)
+    except OSError:
+        return None
+    interpreter = first[2:].split(maxsplit=1)[:1]
+    if first[:2] != b"#!" or not interpreter or os.path.dirname(
+            interpreter[0]) != os.path.dirname(os.fsencode(sys.executable)):
+        return None
+    from . import preload
+    try:
+        script = preload.examine(os.fsdecode(path), None, None)
+    except preload.NotPreloaded:
+        return None
+    return script, prepare_on_first_use
 
 
 def wait(pid):
@@ -283,7 +314,7 @@ class PluginProcess:
             out, child_out = os.pipe()
         except OSError as e:
             return None, CannotStart(PIPE, e.strerror)
-        script = _preloaded(argv[0], env) if preloaded and len(argv) == 1 else None
+        script = _preloaded(argv[0], env) if len(argv) == 1 else None
         try:
             if script is not None:
                 from . import preload
@@ -354,7 +385,7 @@ def run_program(path, env, time_limit):
     """An SMTPEXTFORK program: execv, no arguments, stdin /dev/null, stdout
     into the log (the patch let it write into the SMTP stream); wait for it,
     killing it after time_limit seconds (TIMED_OUT)."""
-    script = _preloaded(path, env) if preloaded else None
+    script = _preloaded(path, env)
     try:
         if script is not None:
             from . import preload

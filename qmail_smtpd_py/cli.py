@@ -17,7 +17,7 @@ def main(argv=None):
     args = sys.argv[1:] if argv is None else list(argv)
     if not args or (not args[0].startswith("-") and args[0] not in TOOLS):
         from .driver import run_connection
-        code = run_connection(args)
+        code = run_connection(args, prepare_plugins=True)
         os._exit(code)  # nothing is buffered: all output went through os.write
     return _tools(args)
 
@@ -91,7 +91,7 @@ def _tools(args):
     @click.pass_obj
     def connection(qmail_home, checkpassword):
         from .driver import run_connection
-        sys.exit(run_connection(checkpassword, os.fsencode(qmail_home)))
+        sys.exit(run_connection(checkpassword, os.fsencode(qmail_home), prepare_plugins=True))
 
     group.add_command(connection)
     group.add_command(serve_command)

@@ -15,6 +15,7 @@ import os
 import select
 import time
 
+from . import children
 from .cdb import CdbError
 from .children import PluginProcess, QueueProcess, check_password, run_program
 from .control import ControlError, load
@@ -233,17 +234,21 @@ class Driver:
 
 
 def run_connection(args=(), qmail_home=None, environ=None, connection_id=None, infd=0,
-                   outfd=1):
+                   outfd=1, prepare_plugins=False):
     """Serve the SMTP connection on infd/outfd (fd 0/1 the tcpserver way; a
     socket in the resident mode); returns the exit status.  connection_id
     starts each log line and makes the CRAM-MD5 challenge unique (default:
-    the pid, as qmail-smtpd)."""
+    the pid, as qmail-smtpd).  prepare_plugins: a process for this one
+    connection prepares its Python plugins at their first call (children.py)
+    unless NOPRELOAD is set."""
     reset_signals()
     if environ is None:
         environ = started_environment(os.environb)
     if b"TCPREMOTEIP" not in environ:  # not under tcpserver: systemd, inetd, ...
         environ = peer_environment(environ)
     env = dict(environ)
+    if prepare_plugins and b"NOPRELOAD" not in env:
+        children.prepare_on_first_use = env
     if connection_id is None:
         connection_id = str(os.getpid())
     if qmail_home is None:

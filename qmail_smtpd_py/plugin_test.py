@@ -22,6 +22,14 @@ TCPREMOTEPORT TCPLOCALIP TCPLOCALPORT TCPLOCALHOST), QMAILHOME, QMAILQUEUE,
 SPPCONFFILE, SMTPAUTH with --auth-user, then --env (which may override
 any of them).
 
+With --preloaded the session runs as a pool worker runs it (serve): the
+plugin, when it qualifies (preload.py, checked for --user), is prepared in
+this process and each call is a fork of the server process instead of an
+exec; the notes say whether it was preloaded, and why not.  --both runs
+the session exec'd, then preloaded, and ends with the reply times of both
+(from the end of a command line to the end of its reply, so a plugin's
+call is inside the time of the command it runs at).
+
 Exit status: 0 when the session ran (whatever the replies were), 1 when it
 could not run or a reply did not come within --timeout seconds, 2 for a
 usage error (one line on stderr).
@@ -32,6 +40,7 @@ arguments, options included.
 
 import base64
 import os
+import pwd
 import selectors
 import shlex
 import shutil
@@ -66,6 +75,8 @@ class Options:
         self.timeout = DEFAULTS["timeout"]
         self.plugin = None
         self.args = []
+        self.modes = ["exec"]
+        self.user = None  # (uid, gid) the preloaded mode checks the plugin for
 
 
 def _set_option(opts, name, value):
@@ -99,6 +110,12 @@ def _set_option(opts, name, value):
         if not os.path.isdir(value):
             raise UsageError("--qmail-home %s: not a directory" % value)
         opts.qmail_home = os.path.abspath(value)
+    elif name == "--user":
+        try:
+            entry = pwd.getpwnam(value)
+        except KeyError:
+            raise UsageError("--user %s: no such user" % value) from None
+        opts.user = (entry.pw_uid, entry.pw_gid)
     elif name == "--timeout":
         try:
             opts.timeout = float(value)
@@ -279,11 +296,9 @@ class Child:
     """The server over pipes: send() lines, reply() reads one reply; its
     stderr is shown as L: lines whenever it arrives."""
 
-    def __init__(self, cmd, env, cwd, timeout):
+    def __init__(self, proc, timeout):
         self.timeout = timeout
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env, cwd=cwd,
-                                     start_new_session=True)
+        self.proc = proc
         self.sel = selectors.DefaultSelector()
         self.out_fd, self.err_fd = self.proc.stdout.fileno(), self.proc.stderr.fileno()
         self.in_fd = self.proc.stdin.fileno()
@@ -346,14 +361,17 @@ class Child:
             self.err.clear()
 
     def send(self, line):
-        """Send one line (CRLF added); False if the server no longer reads."""
+        """Send one line (CRLF added); False if the server no longer reads.
+        The next reply's time counts from the end of this line."""
         show("C: ", line)
+        self.sent_at = time.monotonic()
         if not self.stdin_open:
             return False
         pending = bytearray(line + b"\r\n")
         deadline = time.monotonic() + self.timeout
         while pending and self.stdin_open:
             self._pump(deadline, pending)
+        self.sent_at = time.monotonic()
         return self.stdin_open
 
     def reply(self):
@@ -423,6 +441,66 @@ class Child:
             show("L: ", bytes(self.err))
 
 
+def preload_plugin(opts, entry, env):
+    """Prepare the plugin as serve would (for --user), saying so in a note."""
+    from . import preload
+    preload.install({}, {})
+    if entry.startswith(":"):
+        note("not preloaded: a ':' entry (arguments) always runs through /bin/sh")
+        return
+    uid, gid = opts.user or (os.geteuid(), os.getegid())
+    if uid == 0:
+        note("checked for root, who can change every file: give --user, the user of "
+             "serve -u")
+    scripts = preload.prepare([entry], uid, gid, lambda text: note(text.replace(
+        "serve: ", "", 1)))
+    preload.install(scripts, {os.fsencode(k): os.fsencode(v) for k, v in env.items()})
+
+
+class ForkedServer:
+    """The server as a worker of serve runs it: a fork of this process
+    serving the connection on pipes, so that the plugins preloaded here are
+    forked from it.  The parts of subprocess.Popen that Child uses."""
+
+    def __init__(self, args, env, cwd):
+        from . import driver
+        fds = [os.pipe() for _ in range(3)]
+        environ = {os.fsencode(k): os.fsencode(v) for k, v in env.items()}
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 111
+            try:
+                os.setsid()
+                for target, fd in enumerate((fds[0][0], fds[1][1], fds[2][1])):
+                    os.dup2(fd, target)
+                for pair in fds:
+                    for fd in pair:
+                        os.close(fd)
+                code = driver.run_connection([os.fsencode(a) for a in args],
+                                             os.fsencode(cwd), environ)
+            finally:
+                os._exit(code)
+        self.stdin = os.fdopen(fds[0][1], "wb", buffering=0)
+        self.stdout = os.fdopen(fds[1][0], "rb", buffering=0)
+        self.stderr = os.fdopen(fds[2][0], "rb", buffering=0)
+        for fd in (fds[0][0], fds[1][1], fds[2][1]):
+            os.close(fd)
+        self.returncode = None
+
+    def poll(self):
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self):
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
 def show_queued(queue_dir, shown):
     """Q: lines for the messages the queue got since the last call."""
     names = sorted((n for n in os.listdir(queue_dir) if n.endswith(".env")),
@@ -443,13 +521,16 @@ def show_queued(queue_dir, shown):
             show("Q: ", line)
 
 
-def run_session(child, lines, queue_dir):
+def run_session(child, lines, queue_dir, times):
     """Drive the session: the greeting, then each line.  Returns when the
-    script is done or the server closed the connection."""
+    script is done or the server closed the connection; times gets
+    (command, milliseconds to its reply) for each reply."""
     shown = set()
+    child.sent_at = time.monotonic()
     if not child.reply():
         note("the server closed the connection")
         return
+    times.append((b"(greeting)", (time.monotonic() - child.sent_at) * 1000))
     in_data = False
     skipping = False
     for line in lines:
@@ -466,6 +547,9 @@ def run_session(child, lines, queue_dir):
         if not reply:
             note("the server closed the connection")
             return
+        times.append((b"(message)" if in_data else line.split(b" ", 1)[0].upper()
+                      if line[:5].upper() == b"AUTH " else line,
+                      (time.monotonic() - child.sent_at) * 1000))
         if in_data:
             show_queued(queue_dir, shown)
             in_data = False
@@ -502,6 +586,14 @@ def run_session(child, lines, queue_dir):
                    "recipients, from --to and the script's RCPT TO lines)")
 @click.option("--timeout", metavar="SECONDS", help="most time to wait for each reply "
                                                    "(default 30)")
+@click.option("--preloaded", is_flag=True,
+              help="run the session as serve's workers do: the plugin preloaded when it "
+                   "qualifies (the notes say), each call a fork")
+@click.option("--both", is_flag=True,
+              help="run the session exec'd, then preloaded, and compare the reply times")
+@click.option("--user", metavar="USER",
+              help="with --preloaded/--both: check the plugin as serve -u USER would "
+                   "(default: the user running this)")
 @click.argument("plugin", required=False)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def command(plugin, args, **given):
@@ -517,6 +609,9 @@ def command(plugin, args, **given):
     error.
     """
     opts = Options()
+    both, preloaded = given.pop("both"), given.pop("preloaded")
+    if both or preloaded:
+        opts.modes = ["exec", "preloaded"] if both else ["preloaded"]
     for name, values in given.items():
         option = "--" + {"sections": "section", "mail_from": "from", "rcpts": "to",
                          "envs": "env"}.get(name, name).replace("_", "-")
@@ -539,7 +634,18 @@ def command(plugin, args, **given):
         raise SystemExit(1)
     root = tempfile.mkdtemp(prefix="qmail-smtpd-py-plugin-test-")
     try:
-        code = _run(opts, server, entry, lines, root)
+        results = []
+        for mode in opts.modes:
+            if len(opts.modes) > 1:
+                note("--- %s" % MODE_NAMES[mode])
+            times = []
+            code = _run(opts, server, entry, lines, os.path.join(root, mode), mode, times)
+            results.append((mode, times))
+            if code:
+                break
+        else:
+            if opts.modes != ["exec"]:
+                show_times(results)
     except KeyboardInterrupt:
         code = 130
     except BrokenPipeError:  # e.g. `plugin-test ... | head`: stop quietly
@@ -550,7 +656,21 @@ def command(plugin, args, **given):
     raise SystemExit(code)
 
 
-def _run(opts, server, entry, lines, root):
+MODE_NAMES = {"exec": "exec'd", "preloaded": "preloaded"}
+
+
+def show_times(results):
+    """The reply times of each run, side by side."""
+    note("reply times (ms): " + " / ".join(MODE_NAMES[mode] for mode, _ in results))
+    rows = max(len(times) for _, times in results)
+    for i in range(rows):
+        cells = [times[i] for _, times in results if i < len(times)]
+        label = cells[0][0].decode("utf-8", "backslashreplace")
+        note("  %-40s %s" % (label[:40], "  ".join("%8.1f" % ms for _, ms in cells)))
+
+
+def _run(opts, server, entry, lines, root, mode, times):
+    os.mkdir(root)
     home = opts.qmail_home or make_home(root, opts.rcpts + script_recipients(lines))
     queue_dir = os.path.join(root, "queue")
     os.mkdir(queue_dir)
@@ -573,12 +693,19 @@ def _run(opts, server, entry, lines, root):
     for section in opts.sections:
         note("[%s] %s" % (section, entry))
     try:
-        child = Child(cmd, env, home, opts.timeout)
+        if mode == "preloaded":
+            preload_plugin(opts, entry, env)
+            proc = ForkedServer(cmd[1:], env, home)
+        else:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=env, cwd=home,
+                                    start_new_session=True)
     except OSError as e:
         sys.stderr.write("qmail-smtpd-py plugin-test: cannot run %s: %s\n" % (server, e.strerror))
         return 1
+    child = Child(proc, opts.timeout)
     try:
-        run_session(child, lines, queue_dir)
+        run_session(child, lines, queue_dir, times)
         status = child.finish()
     except Timeout:
         note("no reply within %g s: stopped (a slower plugin needs --timeout)" % opts.timeout)

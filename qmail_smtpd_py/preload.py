@@ -43,8 +43,6 @@ import stat
 import sys
 import types
 
-import attrs
-
 from . import children
 
 PYTHON_NAMES = ("python", "python3", "python%d.%d" % sys.version_info[:2])
@@ -53,15 +51,18 @@ PYTHON_NAMES = ("python", "python3", "python%d.%d" % sys.version_info[:2])
 HANDLED = (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
-@attrs.frozen
 class Script:
-    """A prepared Python script."""
+    """A prepared Python script.  (A slotted class, not attrs: under
+    tcpserver this module is on the per-connection path.)"""
 
-    path: str            # absolute, as it is run
-    code: types.CodeType
-    directory: str       # sys.path[0] of the script: its directory, symlinks resolved
-    identity: tuple      # the file when it was prepared (device, inode, size, mtime)
-    modules: int         # modules its imports brought into the parent
+    __slots__ = ("path", "code", "directory", "identity", "modules")
+
+    def __init__(self, path, code, directory, identity, modules):
+        self.path = path            # absolute, as it is run
+        self.code = code            # types.CodeType
+        self.directory = directory  # sys.path[0] of the script: its directory, symlinks resolved
+        self.identity = identity    # the file when it was prepared (device, inode, size, mtime)
+        self.modules = modules      # modules its imports brought into the parent
 
     def current(self):
         """True while the file is the one that was prepared."""
@@ -96,7 +97,8 @@ def prepare(paths, uid, gid, log):
 
 
 def examine(path, uid, gid):
-    """The Script for path, or NotPreloaded."""
+    """The Script for path, or NotPreloaded; uid and gid: the sessions' user
+    (None: not checked, see _not_writable)."""
     try:
         st = os.stat(path)
         with open(path, "rb") as f:
@@ -145,7 +147,10 @@ def _this_interpreter(interpreter):
 
 def _not_writable(path, uid, gid, what):
     """NotPreloaded if the user uid/gid (the sessions') could change path:
-    the file, or the directory it is in."""
+    the file, or the directory it is in.  uid None: no check (a process that
+    serves one connection keeps nothing past it)."""
+    if uid is None:
+        return
     for target in (path, os.path.dirname(path)):
         try:
             st = os.stat(target)
@@ -301,11 +306,16 @@ def _flushed(status):
 
 def usable(script, env, base_env):
     """A prepared script can run for this call: unchanged since it was
-    prepared, and no PYTHON* variable of the session differs from the pool's."""
+    prepared, and no PYTHON* variable of the session differs from the
+    environment this interpreter started with, nor is set at all when it
+    ignored its environment (the launcher's -I): the script's interpreter
+    would have obeyed them."""
     if not script.current():
         return False
+    isolated = sys.flags.ignore_environment
     for name in set(env) | set(base_env):
-        if name.startswith(b"PYTHON") and env.get(name) != base_env.get(name):
+        if name.startswith(b"PYTHON") and (isolated and name in env
+                                           or env.get(name) != base_env.get(name)):
             return False
     return True
 

@@ -20,10 +20,10 @@ import os
 import re
 
 import pytest
+from plugin_world import preloaded, run_home
 
 from dnsserver import NXDOMAIN, REFUSED, SERVFAIL, SLOW, DNSServer
 from helpers import BIN_DIR, BYE, GREETING, HELO250, OK, crlf, run_smtp
-from plugin_world import preloaded, run_home
 
 MFDNSCHECK = os.path.join(BIN_DIR, "mfdnscheck")
 RBL = os.path.join(BIN_DIR, "rbl")

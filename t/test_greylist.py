@@ -30,9 +30,9 @@ import sqlite3
 import subprocess
 
 import pytest
+from plugin_world import preloaded, run_home
 
 from helpers import BIN_DIR, BYE, GREETING, OK, crlf, run_smtp
-from plugin_world import preloaded, run_home
 
 GREYLIST = os.path.join(BIN_DIR, "greylist")
 

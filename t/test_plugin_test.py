@@ -283,7 +283,7 @@ def test_help(tmp_path):
      "no-such-plugin-anywhere: no such file, nor an installed plugin of that name"),
     (["./noexec"], "./noexec: not executable (chmod +x it)"),
     (["./adir"], "./adir: not a file"),
-    (["--bogus", "./ok"], "No such option '--bogus'."),
+    (["--nonesuch", "./ok"], "No such option '--nonesuch'."),
     (["--section", "ehlo", "./ok"],
      "--section ehlo: use one of connection helo mail rcpt data auth"),
     (["--section", "auth", "./ok"],
@@ -321,3 +321,83 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 1
     assert err == b""
+
+
+# ------------------------------------------------------------------ --preloaded, --both
+
+
+def py_plugin(directory, name, body):
+    """A Python plugin for the server's interpreter, in a directory only root can
+    change (so that serve -u nobody would preload it)."""
+    directory = os.path.join(str(directory), "plugins")
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    path = os.path.join(directory, name)
+    python = os.path.join(os.path.dirname(SERVER), "python")
+    with open(path, "w") as f:
+        f.write("#!%s\n%s\n" % (python, body))
+    os.chmod(path, 0o755)
+    return path
+
+
+PID_PLUGIN = "import os\nprint('HX-Parent: %d' % os.getppid())\nprint('P250-rcpt seen')"
+
+
+def runs(lines):
+    """The transcript cut into its runs at the `# --- MODE` notes: {mode: lines}."""
+    found, mode = {}, None
+    for line in lines:
+        if line.startswith("# --- "):
+            mode = line[6:]
+            found[mode] = []
+        elif mode is not None:
+            found[mode].append(line)
+    return found
+
+
+def test_both_runs_the_session_twice_and_compares_the_reply_times(tmp_path):
+    plug = py_plugin(tmp_path, "seen", PID_PLUGIN)
+    code, lines, err = plugin_test("--both", "--user", "nobody", plug, cwd=tmp_path)
+    assert (code, err) == (0, "")
+    both = runs(lines)
+    assert list(both) == ["exec'd", "preloaded"]
+    assert any(line.startswith("# preloaded %s (" % plug) for line in both["preloaded"])
+    assert not any("preloaded" in line for line in both["exec'd"])
+    # the same replies either way; the plugin's parent is the server (its log's pid)
+    def replies(run):
+        return [line for line in run if line.startswith("S: ")]
+    assert replies(both["exec'd"]) == replies(both["preloaded"])
+    for run in both.values():
+        (server,) = {line.split()[1] for line in run if line.startswith("L: ")}
+        assert "Q: X-Parent: " + server in run
+    assert "S: 250-rcpt seen" in both["preloaded"]
+    table = lines[lines.index("# reply times (ms): exec'd / preloaded") + 1:]
+    labels = [re.match(r"#   (.*?)\s+[\d.]+\s+[\d.]+$", row).group(1) for row in table]
+    assert labels == ["(greeting)", "EHLO client.example", "MAIL FROM:<sender@example.org>",
+                      "RCPT TO:<postmaster@localhost>", "DATA", "(message)", "QUIT"]
+
+
+def test_preloaded_says_why_a_plugin_is_not_preloaded(tmp_path):
+    shell = sh_plugin(tmp_path, "shell", 'echo "P250 from sh"')
+    code, lines, _ = plugin_test("--preloaded", "--user", "nobody", shell, cwd=tmp_path)
+    assert code == 0 and "S: 250 from sh" in lines
+    assert any(line.startswith("# not preloaded: %s: " % shell) for line in lines), lines
+    code, lines, _ = plugin_test("--preloaded", py_plugin(tmp_path, "p", PID_PLUGIN), "arg",
+                                 cwd=tmp_path)
+    assert "# not preloaded: a ':' entry (arguments) always runs through /bin/sh" in lines
+    assert "S: 250-rcpt seen" in lines
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="root's own check")
+def test_preloaded_as_root_without_user_says_to_give_one(tmp_path):
+    code, lines, _ = plugin_test("--preloaded", py_plugin(tmp_path, "p", PID_PLUGIN),
+                                 cwd=tmp_path)
+    assert code == 0
+    assert ("# checked for root, who can change every file: give --user, the user of "
+            "serve -u") in lines
+    assert any(line.startswith("# not preloaded: ") for line in lines)
+
+
+def test_user_must_exist(tmp_path):
+    code, _, err = plugin_test("--preloaded", "--user", "no-such-user-here", "x",
+                               cwd=tmp_path)
+    assert code == 2 and "--user no-such-user-here: no such user" in err

@@ -252,6 +252,40 @@ def test_only_top_level_imports_are_done_in_the_parent(tmp_path):
     assert preload.examine(path, 65534, 65534).path == path
 
 
+# ------------------------------------------------------------------ one process per connection
+
+
+FORKED = "import sys\nprint('HX-Forked: %s' % ('qmail_smtpd_py.driver' in sys.modules))\n"
+
+
+@pytest.mark.parametrize("env,forked", [
+    ({}, b"True"),                                  # prepared at its first call
+    ({"NOPRELOAD": ""}, b"False"),                  # turned off
+    ({"PYTHONWARNINGS": "ignore"}, b"False"),       # the server ignored it (-I); a plugin would not
+])
+def test_the_per_connection_server_prepares_python_plugins(make_home, env, forked):
+    """The installed server over pipes, as under tcpserver: a Python [rcpt] plugin runs
+    as a fork of the server (it finds the server's modules loaded) at both RCPTs."""
+    from helpers import run_smtp
+    home = make_home()
+    write_script(home.path, "forked", FORKED)
+    home.control("smtpplugins", "[rcpt]\nforked\n")
+    res = run_smtp(MESSAGE, home=home, env=env)
+    assert res.status == 0 and b"250 ok" in res.out, res.out
+    (message,) = res.queued
+    assert message.message.count(b"X-Forked: " + forked + b"\n") == 2, message.message
+
+
+def test_a_program_that_is_no_python_script_costs_no_import():
+    """The #! line decides before preload.py (an import of some 15 ms) is loaded."""
+    code = ("import sys\nfrom qmail_smtpd_py import children\n"
+            "children.prepare_on_first_use = {}\n"
+            "print(children._preloaded(b'/bin/true', {}), children._preloaded(b'/nonesuch', {}),"
+            " 'qmail_smtpd_py.preload' in sys.modules)\n")
+    out = subprocess.run([PYTHON, "-I", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "None None False\n"
+
+
 # ------------------------------------------------------------------ in the pool, for real
 
 

@@ -27,11 +27,11 @@ import os
 import re
 
 import pytest
+from plugin_world import preloaded, run_home
 from test_auth import LOGIN_PLAIN, ehlo
 from test_greylist import ACCEPTED, GREYLIST, GREYLISTED, REFUSED, RedisStore, session
 
 from helpers import ACC, BIN_DIR, BYE, GO, GREETING, OK, crlf, free_port, norm, run_smtp
-from plugin_world import preloaded, run_home
 from redisserver import RedisServer, SilentServer
 
 RATELIMIT = os.path.join(BIN_DIR, "ratelimit")

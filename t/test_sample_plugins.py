@@ -14,6 +14,7 @@ import re
 import subprocess
 
 import pytest
+from plugin_world import preloaded, run_home
 from test_auth import LOGIN_JOE, PLAIN_JOE, CheckPw
 
 from helpers import (
@@ -28,7 +29,6 @@ from helpers import (
     norm,
     require_tools,
 )
-from plugin_world import preloaded, run_home
 
 TARPIT = os.path.join(BIN_DIR, "tarpit")
 AUTHLOG = os.path.join(BIN_DIR, "authlog")
