@@ -1,4 +1,4 @@
-# qmail-smtpd-py: make run | make test | make lint | make bench | make install | make clean
+# qmail-smtpd-py: make run | make run-demo | make test | make lint | make bench | make install | make clean
 #
 # Everything runs from a local virtualenv (.venv) with the package installed
 # non-editable, so the tests exercise exactly what `pip install .` ships.
@@ -20,7 +20,7 @@ STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml $(wildcard qmail_smtpd_py/*.py qmail_smtpd_py/*/*.py) $(wildcard bin/*) $(wildcard plugins/*)
 BIN := $(CURDIR)/$(VENV)/bin
 
-.PHONY: all venv .venv run tcpserver test pytest conformance lint coverage bench clean fuzz install
+.PHONY: all venv .venv run run-demo tcpserver openssl test pytest conformance lint coverage bench clean fuzz install
 
 all: test
 
@@ -65,6 +65,64 @@ run: $(STAMP) tcpserver
 	  QMAILQUEUE=$(BIN)/qmail-queue-maildir \
 	  MAILDIR=$(CURDIR)/$(RUNDIR)/Maildir \
 	  tcpserver -v -R -H -l localhost -c 20 $(HOST) $(PORT) $(BIN)/qmail-smtpd-py
+
+# As `make run`, with STARTTLS and SMTP AUTH, in a demo qmail home $(RUNDIR)/demo (never
+# the tracked control/): links to the sample control files, a self-signed certificate
+# (control/servercert.pem; cert.pem beside it for clients that verify), and a
+# checkpassword accepting $(DEMO_USER) with $(DEMO_PASSWORD) and nothing else. AUTH is
+# offered after STARTTLS only (FORCETLS=1); mail lands in $(RUNDIR)/demo/Maildir/new.
+DEMO_USER ?= demo
+DEMO_PASSWORD ?= demo-password
+DEMO_HOME = $(abspath $(RUNDIR))/demo
+
+# checkpassword's interface: user NUL password NUL on fd 3; on success it runs its
+# arguments (here /bin/true), otherwise it exits 1.
+define DEMO_CHECKPASSWORD
+#!/bin/sh
+# make run-demo's checkpassword: accepts $(DEMO_USER) / $(DEMO_PASSWORD), nothing else.
+user= password=
+{ IFS= read -r user && IFS= read -r password; } <<EOF
+$$(tr '\0' '\n' <&3)
+EOF
+[ "$$user" = '$(DEMO_USER)' ] && [ "$$password" = '$(DEMO_PASSWORD)' ] && exec "$$@"
+exit 1
+endef
+export DEMO_CHECKPASSWORD
+
+# openssl makes the demo certificate; installed like tcpserver when missing.
+openssl:
+	@command -v openssl >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y openssl; \
+	  else \
+	    echo "make: openssl not found: install it (apt-get install openssl)" >&2; \
+	    exit 1; \
+	  fi; }
+
+run-demo: $(STAMP) tcpserver openssl
+	@mkdir -p $(DEMO_HOME)/control $(DEMO_HOME)/Maildir
+	@for f in $(SAMPLES); do ln -sfn $(CURDIR)/$$f $(DEMO_HOME)/$$f; done
+	@test -s $(DEMO_HOME)/control/servercert.pem || { \
+	  echo "openssl: a self-signed certificate for localhost into $(DEMO_HOME)/control/servercert.pem"; \
+	  umask 077 && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+	    -days 3650 -subj /CN=localhost -addext subjectAltName=DNS:localhost,IP:127.0.0.1 \
+	    -keyout $(DEMO_HOME)/key.pem -out $(DEMO_HOME)/cert.pem 2>/dev/null && \
+	  cat $(DEMO_HOME)/key.pem $(DEMO_HOME)/cert.pem > $(DEMO_HOME)/control/servercert.pem && \
+	  rm -f $(DEMO_HOME)/key.pem; }
+	@printf '%s\n' "$$DEMO_CHECKPASSWORD" > $(DEMO_HOME)/checkpassword
+	@chmod 700 $(DEMO_HOME)/checkpassword
+	@echo "qmail-smtpd-py demo on $(HOST):$(PORT): STARTTLS (self-signed certificate), then AUTH"
+	@echo "LOGIN PLAIN as user $(DEMO_USER), password $(DEMO_PASSWORD); mail into $(DEMO_HOME)/Maildir/new"
+	@echo "From another terminal:"
+	@echo "  swaks --server $(HOST):$(PORT) --tls --auth-user $(DEMO_USER) --auth-password $(DEMO_PASSWORD) --to friend@example.org"
+	@echo "Ctrl-C stops it."
+	cd $(DEMO_HOME) && exec env \
+	  QMAILHOME=$(DEMO_HOME) \
+	  QMAILQUEUE=$(BIN)/qmail-queue-maildir \
+	  MAILDIR=$(DEMO_HOME)/Maildir \
+	  SMTPAUTH= FORCETLS=1 \
+	  tcpserver -v -R -H -l localhost -c 20 $(HOST) $(PORT) $(BIN)/qmail-smtpd-py \
+	    $(DEMO_HOME)/checkpassword /bin/true
 
 # Both suites always run; make test fails if either does.  The conformance
 # suite runs while pytest collects once, with bytecode writing on, so that its
@@ -126,9 +184,12 @@ fuzz: $(STAMP)
 
 # ---------------------------------------------------------------------- install
 #
-#   make install [PREFIX=/usr/local] [DESTDIR=] [QMAILBIN=/var/qmail/bin]
+#   make install [PREFIX=/usr/local] [DESTDIR=] [QMAILBIN=/var/qmail/bin] [PYTHON=python3]
 #
-# Creates a virtualenv at $(PREFIX)/lib/qmail-smtpd-py with the package installed
+# Creates a virtualenv at $(PREFIX)/lib/qmail-smtpd-py with $(PYTHON), or with
+# $(SYSTEM_PYTHON) when other users could not run $(PYTHON) (the SMTP sessions run as
+# qmaild: a Python under a mode-700 home would drop every connection; an existing venv
+# made with such a Python is made again), with the package installed
 # (non-editable, click and attrs from PyPI or pip's cache, with the dns and redis
 # extras for the sample plugins), links
 # $(PREFIX)/bin/qmail-smtpd-py and $(PREFIX)/bin/qmail-queue-maildir to its scripts,
@@ -148,6 +209,9 @@ fuzz: $(STAMP)
 PREFIX ?= /usr/local
 DESTDIR ?=
 QMAILBIN ?=
+# Used instead of $(PYTHON) when other users (the SMTP user) could not run that one.
+SYSTEM_PYTHON ?= /usr/bin/python3
+ACCESS := $(CURDIR)/qmail_smtpd_py/access.py
 LIBDIR := $(PREFIX)/lib/qmail-smtpd-py
 MAN8DIR := $(PREFIX)/share/man/man8
 SAMPLEDIR := $(PREFIX)/share/qmail-smtpd-py/control
@@ -167,8 +231,25 @@ install:
 	    fi; \
 	  fi; \
 	fi
-	@test -x "$(DESTDIR)$(LIBDIR)/bin/python" || $(PYTHON) -m venv "$(DESTDIR)$(LIBDIR)" || { \
-	  echo "make install: '$(PYTHON) -m venv' failed; on Debian: apt-get install python3-venv" >&2; \
+	@# The SMTP user must be able to run the venv's interpreter: a Python that other
+	@# users cannot reach (pyenv under root's mode-700 home) would drop every connection.
+	@venv="$(DESTDIR)$(LIBDIR)"; clear=; \
+	if [ -x "$$venv/bin/python" ]; then \
+	  why=$$("$$venv/bin/python" -I $(ACCESS)) && exit 0; \
+	  echo "make install: $$venv was made with a Python other users cannot run ($$why); making it again"; \
+	  clear=--clear; \
+	fi; \
+	python="$(PYTHON)"; \
+	if ! why=$$($$python -I $(ACCESS) 2>&1); then \
+	  if ! syswhy=$$($(SYSTEM_PYTHON) -I $(ACCESS) 2>&1); then \
+	    echo "make install: $(PYTHON) will not do ($${why:-cannot be run}), nor $(SYSTEM_PYTHON) ($${syswhy:-cannot be run}); give a Python 3.11+ that other users can run: make install PYTHON=..." >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "make install: $(PYTHON) will not do ($${why:-cannot be run}): the SMTP user could not run the server; using $(SYSTEM_PYTHON) instead"; \
+	  python="$(SYSTEM_PYTHON)"; \
+	fi; \
+	$$python -m venv $$clear "$$venv" || { \
+	  echo "make install: '$$python -m venv' failed; on Debian: apt-get install python3-venv" >&2; \
 	  exit 1; }
 	@# pip always rebuilds a local directory: skip it when the sources are the ones installed.
 	@sum=$$(cat $(SOURCES) | sha256sum | cut -c1-64); \
@@ -180,6 +261,9 @@ install:
 	  rm -rf build && echo "$$sum" > "$(DESTDIR)$(LIBDIR)/.source-sha256" || exit 1; \
 	fi
 	$(call fast_launcher,"$(DESTDIR)$(LIBDIR)/bin/qmail-smtpd-py")
+	@# Staged (DESTDIR): the venv only works at its final place, nothing to ask here.
+	@[ -n "$(DESTDIR)" ] || why=$$("$(LIBDIR)/bin/python" -I $(ACCESS) --venv) || \
+	  echo "make install: warning: $$why: the SMTP user cannot run the server from $(LIBDIR); install under a PREFIX other users can reach" >&2
 	install -d "$(DESTDIR)$(PREFIX)/bin" "$(DESTDIR)$(MAN8DIR)" "$(DESTDIR)$(SAMPLEDIR)" \
 	  "$(DESTDIR)$(LIBDIR)/plugins"
 	for p in $(PLUGINS); do ln -sfn "../bin/$$p" "$(DESTDIR)$(LIBDIR)/plugins/$$p"; done

@@ -1,18 +1,40 @@
-"""`qmail-smtpd-py check [--qmail-home DIR]`: look over control/ for mistakes.
+"""`qmail-smtpd-py check [--qmail-home DIR] [--user USER] [--log-user USER]
+[CHECKPASSWORD...]`: look over control/ and the set-up for mistakes.
 
 Every problem is one line naming the file and the fix; "warning:" lines are
 set-ups that work but are probably not meant.  The checks read the files the
 way the server does (control.py, from the qmail home as working directory),
-so what they report is what a connection would see.
+so what they report is what a connection would see.  The environment and
+the checkpassword command line are the server's (SMTPAUTH, NOSPP, ...).
+
+With --user the checks run in a child process with that account's uid and
+primary group and no other groups, as tcpserver -U and `serve -U` run the
+sessions: the kernel itself says what the account may read and run, ACLs
+and mount options included, which computing permission bits would miss.
+The child also runs this installation's qmail-smtpd-py (the interpreter,
+the package), as tcpserver would for every connection.
 """
 
+import json
 import os
+import pwd
+import subprocess
+import sys
 
 import attrs
 import click
 
+from . import access
 from .cdb import Cdb, CdbError
-from .control import ControlError, leading_number, parse_lines, read_file, read_line
+from .control import (
+    ControlError,
+    auth_settings,
+    leading_number,
+    parse_lines,
+    read_file,
+    read_line,
+)
+from .core.auth import DISABLED
 from .core.replies import TLS_SETUP_STEPS
 from .core.spp import SECTIONS
 from .tls import make_context
@@ -42,20 +64,178 @@ class Finding:
         return "%s%s: %s" % ("warning: " if self.warning else "", self.path, self.text)
 
 
-def check(qmail_home, environ=None):
+def check(qmail_home, environ=None, args=(), user=None, log_user=None):
     """The findings for qmail_home (empty: all fine), and how many control
-    files were looked at."""
+    files were looked at.  args: the server's checkpassword command line;
+    user: the account the sessions run as (checked as it would see things);
+    log_user: the log service's account."""
     environ = os.environb if environ is None else environ
-    if not os.path.isdir(qmail_home):
-        return [Finding(qmail_home, "qmail home does not exist (give --qmail-home DIR or set "
-                                    "QMAILHOME)")], 0
-    cwd = os.open(".", os.O_RDONLY)
-    os.chdir(qmail_home)
+    problems = []
+    if log_user:
+        problems += _account_missing(log_user, "log user", "the log service (setuidgid in "
+                                     "log/run) cannot start, and the server blocks once the "
+                                     "log pipe is full", "env/LOGUSER")
+    if user:
+        missing = _account_missing(user, "user", "the sessions cannot run as it (envuidgid "
+                                   "fails, the service does not start)", "env/SMTPUSER")
+        if missing:
+            return problems + missing, 0
+        found, checked = _as_user(user, qmail_home, environ, args)
+    else:
+        found, checked = _check_home(qmail_home, environ, args)
+    return problems + found, checked
+
+
+def _account_missing(name, what, effect, setting):
     try:
-        return _check_here(environ)
+        pwd.getpwnam(name)
+        return []
+    except KeyError:
+        return [Finding("%s %s" % (what, name), "no such account, so %s; create it (qmail's "
+                        "INSTALL.ids) or name another in %s" % (effect, setting))]
+
+
+def _check_home(qmail_home, environ, args):
+    cwd = os.open(".", os.O_RDONLY)
+    try:
+        os.chdir(qmail_home)
+    except OSError as e:
+        os.close(cwd)
+        if isinstance(e, (FileNotFoundError, NotADirectoryError)):
+            return [Finding(qmail_home, "qmail home does not exist (give --qmail-home DIR or "
+                                        "set QMAILHOME)")], 0
+        return [Finding(qmail_home, "cannot enter the qmail home (%s), so every connection "
+                        "would fail; make it and the directories above it searchable "
+                        "(chmod o+x)" % e.strerror)], 0
+    try:
+        problems, checked = _check_here(environ)
     finally:
         os.fchdir(cwd)
         os.close(cwd)
+    return problems + _check_auth(environ, args), checked
+
+
+def _as_user(name, qmail_home, environ, args):
+    """check() in a child running as the account name, as the sessions do;
+    the findings come back as JSON on a pipe."""
+    account = pwd.getpwnam(name)
+    qmail_home = os.path.abspath(qmail_home)
+    program = _program()
+    # Resolved here: the account may not be able to follow the symlinks itself.
+    walks = [(access.steps(path), os.X_OK) for path in (program, sys.executable)]
+    walks += [(access.steps(path), os.R_OK) for path in (os.__file__, __file__)]
+    ours = os.geteuid() == account.pw_uid
+    if os.geteuid() != 0 and not ours:
+        return [Finding("user " + name, "checking as another account needs root; run check "
+                        "as root (or as %s)" % name)], 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: become the account, check, report, never return
+        status = 1
+        try:
+            os.close(r)
+            os.chdir("/")  # this directory may be closed to the account
+            if not ours:
+                os.setgroups([account.pw_gid])
+                os.setresgid(account.pw_gid, account.pw_gid, account.pw_gid)
+                os.setresuid(account.pw_uid, account.pw_uid, account.pw_uid)
+            problems, checked = _check_home(qmail_home, environ, args)
+            problems += _check_runs(program, walks, name)
+            report = {"checked": checked, "problems": [attrs.astuple(p) for p in problems]}
+            data = json.dumps(report).encode()
+            while data:
+                data = data[os.write(w, data):]
+            status = 0
+        except BaseException as e:  # noqa: BLE001 - the parent reports it
+            os.write(w, json.dumps({"error": "%s: %s" % (type(e).__name__, e)}).encode())
+        finally:
+            os._exit(status)
+    os.close(w)
+    chunks = []
+    while chunk := os.read(r, 65536):
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    report = json.loads(b"".join(chunks) or b'{"error": "the child died"}')
+    if "error" in report:
+        return [Finding("user " + name, "the check as this account failed: " + report["error"])], 0
+    return [Finding(*p) for p in report["problems"]], report["checked"]
+
+
+def _program():
+    """This installation's qmail-smtpd-py: the one check was started as, or the
+    script beside the interpreter."""
+    if os.path.basename(sys.argv[0]) == "qmail-smtpd-py" and os.path.isfile(sys.argv[0]):
+        return os.path.abspath(sys.argv[0])
+    return os.path.join(os.path.dirname(sys.executable), "qmail-smtpd-py")
+
+
+def _check_runs(program, walks, name):
+    """Run program as tcpserver would for a connection (as this process's
+    account); a finding naming what is in the way if it cannot."""
+    try:
+        p = subprocess.run([program, "--version"], stdin=subprocess.DEVNULL,
+                           capture_output=True, cwd="/", timeout=60,
+                           env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    except OSError as e:
+        why = e.strerror
+    except subprocess.TimeoutExpired:
+        why = "no answer to --version in 60 seconds"
+    else:
+        if p.returncode == 0 and p.stdout.startswith(b"qmail-smtpd-py"):
+            return []
+        lines = p.stderr.decode("utf-8", "replace").strip().splitlines() or [""]
+        why = "exit status %d%s" % (p.returncode, ": " + lines[-1] if lines[-1] else "")
+    for walk, mode in walks:
+        step = access.blocked(walk, lambda path, last, mode=mode: os.access(
+            path, mode if last else os.X_OK))
+        if step is not None:
+            why += "; %s is in the way" % access.describe(step)
+            break
+    return [Finding(program, "%s cannot run it (%s), so every connection would be dropped "
+                    "(tcpserver logs only \"unable to run\"); install with a Python and into "
+                    "a directory other users can reach (make install falls back to "
+                    "/usr/bin/python3 by itself)" % (name, why))]
+
+
+def _check_auth(environ, args):
+    """SMTPAUTH against the checkpassword command line, as the server reads them."""
+    mode, argv, _ = auth_settings(environ, args)
+    if mode is None:
+        return []
+    if mode != DISABLED and not argv:
+        return [Finding("SMTPAUTH", "set, but no checkpassword program is given on the "
+                        "command line, so AUTH is offered and every attempt refused with 503 "
+                        "(logged by=auth-off); give the checkpassword command line after "
+                        "qmail-smtpd-py (env/CHECKPASSWORD in the service kit) or unset "
+                        "SMTPAUTH")]
+    problems = []
+    if mode == DISABLED and b"SMTPAUTH" not in environ:
+        problems.append(Finding("SMTPAUTH", "unset, so AUTH is off although a checkpassword "
+                                "command line is given; set it (empty: LOGIN PLAIN)",
+                                warning=True))
+    if argv:
+        program = _find_program(argv[0], environ)
+        text = os.fsdecode(argv[0])
+        if program is None:
+            problems.append(Finding(text, "checkpassword program not found, so every AUTH "
+                                    "fails (535 after 5 seconds); fix the command line"))
+        elif not os.access(program, os.X_OK) or not os.path.isfile(program):
+            problems.append(Finding(text, "checkpassword program is not an executable file, "
+                                    "so every AUTH fails (535 after 5 seconds); chmod +x it or "
+                                    "fix the command line"))
+    return problems
+
+
+def _find_program(name, environ):
+    """The path execvp would run for name, or None."""
+    if b"/" in name:
+        return name if os.path.exists(name) else None
+    for directory in environ.get(b"PATH", b"/usr/bin:/bin").split(b":"):
+        path = os.path.join(directory or b".", name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
 
 
 def _check_here(environ):
@@ -159,13 +339,13 @@ def _check_plugins(environ):
                                     "ignored; put it under a section header" % text,
                                     warning=True))
         elif section in SECTIONS and line[:1] != b":":
-            problems += _check_program(conffile, line, text)
+            problems += _check_plugin(conffile, line, text)
     return problems
 
 
-def _check_program(conffile, entry, text):
+def _check_plugin(conffile, entry, text):
     if os.path.isfile(entry) and os.access(entry, os.X_OK):
-        return []
+        return _check_interpreter(conffile, entry, text)
     if b" " in entry and not os.path.exists(entry):
         return [Finding(conffile, "%s: looks like a program with arguments, but entries are "
                         "not split; write ':%s' to run it through /bin/sh" % (text, text),
@@ -174,6 +354,41 @@ def _check_program(conffile, entry, text):
         return [Finding(conffile, "%s: does not exist (paths are relative to the qmail home); "
                         "its section would answer 451" % text)]
     return [Finding(conffile, "%s: not an executable file; chmod +x it or fix the path" % text)]
+
+
+def _check_interpreter(conffile, entry, text):
+    """A script's #! interpreter must be runnable by this account too."""
+    try:
+        with open(entry, "rb") as f:
+            first = f.readline(4096)
+    except OSError as e:
+        return [Finding(conffile, "%s: cannot read it (%s), so it can only be a compiled "
+                        "program; if it is a script, make it readable (chmod o+r)"
+                        % (text, e.strerror), warning=True)]
+    if not first.startswith(b"#!"):
+        return []
+    words = first[2:].split()
+    why = _unrunnable(os.fsdecode(words[0])) if words else None
+    if why is None:
+        return []
+    return [Finding(conffile, "%s: its interpreter %s %s, so its section would answer 451; "
+                    "fix its first line or the interpreter's permissions"
+                    % (text, os.fsdecode(words[0]), why))]
+
+
+def _unrunnable(path):
+    """Why this process cannot run path, or None if it can."""
+    if os.path.isfile(path) and os.access(path, os.X_OK):
+        return None
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as e:
+        step = access.blocked(access.steps(path), lambda step, last: os.access(step, os.X_OK))
+        return "cannot be reached (%s%s)" % (
+            e.strerror, "; %s is in the way" % access.describe(step) if step else "")
+    return "is not an executable file"
 
 
 def _check_tls(environ):
@@ -197,13 +412,22 @@ def _check_tls(environ):
     return problems
 
 
-@click.command("check")
+@click.command("check", context_settings={"allow_interspersed_args": False})
 @click.option("--qmail-home", envvar="QMAILHOME", default="/var/qmail", show_default=True,
               metavar="DIR", help="the qmail home whose control/ is checked")
-def command(qmail_home):
+@click.option("--user", metavar="USER",
+              help="the account the sessions run as (qmaild): check everything as it "
+                   "would see it, and that it can run this program (needs root)")
+@click.option("--log-user", metavar="USER",
+              help="the log service's account (qmaill): say if it does not exist")
+@click.argument("checkpassword", nargs=-1, type=click.UNPROCESSED)
+def command(qmail_home, user, log_user, checkpassword):
     """Look over the control files for mistakes: one line per problem,
-    naming the file and the fix.  Exit status 1 when there is one."""
-    problems, checked = check(qmail_home)
+    naming the file and the fix.  Exit status 1 when there is one.
+
+    CHECKPASSWORD is the server's checkpassword command line, if any
+    (checked with SMTPAUTH from the environment)."""
+    problems, checked = check(qmail_home, args=checkpassword, user=user, log_user=log_user)
     for problem in problems:
         click.echo(str(problem))
     if not problems:

@@ -36,7 +36,7 @@ import pytest
 
 from qmail_smtpd_py import children
 from qmail_smtpd_py.core import requests as rq
-from qmail_smtpd_py.core.session import Session
+from qmail_smtpd_py.core.session import NO_CHECKPASSWORD, Session
 
 from helpers import (
     SERVER,
@@ -456,10 +456,27 @@ def test_no_arguments_and_no_smtpauth_is_plain_notqmail(home):
 
 
 def test_smtpauth_without_checkpassword_is_503(home):
-    """SMTPAUTH set but no command line: the patch's EHLO, and AUTH not available."""
+    """SMTPAUTH set but no command line: the patch's EHLO, and AUTH not available.  The
+    log says why once, at the start of the connection, however many AUTHs follow."""
     r = play(crlf(b"EHLO c.test", b"AUTH LOGIN") + PLAIN_JOE + crlf(b"QUIT"), home, "", args=[])
     assert r.out == GREETING + ehlo(LOGIN_PLAIN) + NOT_AVAILABLE * 2 + BYE
     assert r.checkpassword == []
+    assert r.log == ["connect host=unknown port=-", NO_CHECKPASSWORD,
+                     "refuse AUTH 503 by=auth-off", "refuse AUTH 503 by=auth-off",
+                     "close status=0 why=quit messages=0"]
+
+
+@pytest.mark.parametrize("smtpauth, args, env, warned", [
+    ("!cram", [], {}, True),
+    ("", ["mx.example.org"], {}, True),      # the old form's hostname alone
+    ("", [], {"SMTPLOGLEVEL": "0"}, True),   # a warning: logged at every level
+    ("-", [], {}, False),                    # AUTH switched off on purpose
+    (None, [], {}, False),                   # plain notqmail
+    ("", None, {}, False),                   # a checkpassword is given
+])
+def test_missing_checkpassword_warning(home, smtpauth, args, env, warned):
+    r = play(crlf(b"QUIT"), home, smtpauth, args=args, env=env)
+    assert r.log.count(NO_CHECKPASSWORD) == (1 if warned else 0), r.log
 
 
 # ------------------------------------------------------------------ LOGIN and PLAIN

@@ -2,12 +2,14 @@
 home gives the ok line and exit 0.  The installed program runs as a subprocess."""
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from helpers import require_tools
+from helpers import Home, require_tools, script
 
 PROGRAM = os.path.join(os.path.dirname(sys.executable), "qmail-smtpd-py")
 
@@ -218,3 +220,157 @@ def test_client_relaying_half_set_up(make_home, have, missing):
     assert_problem(make_home(control={have: "x\n"}),
                    "warning: control/%s: present without control/%s, but relaying by client "
                    "certificate needs both; add %s or remove %s" % (have, missing, missing, have))
+
+
+# ------------------------------------------------------------------ AUTH set-up
+
+NO_CHECKPASSWORD = ("SMTPAUTH: set, but no checkpassword program is given on the command "
+                    "line, so AUTH is offered and every attempt refused with 503 (logged "
+                    "by=auth-off); give the checkpassword command line after qmail-smtpd-py "
+                    "(env/CHECKPASSWORD in the service kit) or unset SMTPAUTH")
+
+
+@pytest.mark.parametrize("smtpauth", ["", "cram", "!"])
+def test_smtpauth_without_checkpassword(make_home, smtpauth):
+    assert check_home(make_home(), env={"SMTPAUTH": smtpauth}) == ([NO_CHECKPASSWORD], 1)
+
+
+@pytest.mark.parametrize("env, args", [
+    ({"SMTPAUTH": "-"}, ()),                              # switched off on purpose
+    ({"SMTPAUTH": ""}, ("/bin/true", "/bin/true")),
+    ({"SMTPAUTH": ""}, ("mx.example.org", "true", "x")),  # the old form, found in PATH
+    ({}, ()),
+])
+def test_auth_set_up_fine(make_home, env, args):
+    assert run_check("--qmail-home", make_home().path, *args, env=env) == (
+        ["ok: 3 control files checked"], 0)
+
+
+def test_checkpassword_program_missing(make_home, tmp_path):
+    missing = str(tmp_path / "checkpassword")
+    lines, code = run_check("--qmail-home", make_home().path, missing, "/bin/true",
+                            env={"SMTPAUTH": ""})
+    assert (lines, code) == (["%s: checkpassword program not found, so every AUTH fails (535 "
+                              "after 5 seconds); fix the command line" % missing], 1)
+
+
+def test_checkpassword_given_but_smtpauth_unset(make_home):
+    """Options after the first argument belong to the checkpassword command line."""
+    lines, code = run_check("--qmail-home", make_home().path, "/bin/true", "--user", "x")
+    assert (lines, code) == (["warning: SMTPAUTH: unset, so AUTH is off although a "
+                              "checkpassword command line is given; set it (empty: LOGIN "
+                              "PLAIN)"], 1)
+
+
+# ------------------------------------------------------------------ the service's accounts
+
+NO_SUCH_ACCOUNT = "qsmtpd-no-such-account"
+
+
+def test_missing_accounts(make_home):
+    lines, code = run_check("--qmail-home", make_home().path, "--user", NO_SUCH_ACCOUNT,
+                            "--log-user", NO_SUCH_ACCOUNT + "l")
+    assert (lines, code) == ([
+        "log user %sl: no such account, so the log service (setuidgid in log/run) cannot "
+        "start, and the server blocks once the log pipe is full; create it (qmail's "
+        "INSTALL.ids) or name another in env/LOGUSER" % NO_SUCH_ACCOUNT,
+        "user %s: no such account, so the sessions cannot run as it (envuidgid fails, the "
+        "service does not start); create it (qmail's INSTALL.ids) or name another in "
+        "env/SMTPUSER" % NO_SUCH_ACCOUNT], 1)
+
+
+def test_existing_log_user(make_home):
+    assert run_check("--qmail-home", make_home().path, "--log-user", "nobody") == (
+        ["ok: 3 control files checked"], 0)
+
+
+# ------------------------------------------------------------------ as the SMTP user
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="check --user needs root")
+
+
+@pytest.fixture
+def open_home():
+    """A qmail home in a directory everybody can search (the pytest tmp_path is private)."""
+    root = tempfile.mkdtemp(prefix="qsmtpd-check-")
+    os.chmod(root, 0o755)
+    try:
+        yield Home(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def program_finding():
+    """The line about the installed program itself, found out independently: whether
+    nobody can run it (setuidgid, as tcpserver -U would) decides if there is one."""
+    require_tools("setuidgid")
+    p = subprocess.run(["setuidgid", "nobody", PROGRAM, "--version"], cwd="/",
+                       capture_output=True, timeout=60)
+    return p.returncode != 0
+
+
+def as_nobody(home, *args):
+    lines, code = run_check("--qmail-home", home.path, "--user", "nobody", *args)
+    mine = [line for line in lines if line.startswith(PROGRAM + ": ")]
+    if program_finding():
+        assert len(mine) == 1, lines
+        assert mine[0].startswith(PROGRAM + ": nobody cannot run it (")
+        assert " is in the way), so every connection would be dropped" in mine[0]
+    else:
+        assert mine == [], lines
+    return [line for line in lines if line not in mine], code
+
+
+@needs_root
+def test_as_nobody_a_clean_home(open_home):
+    lines, code = as_nobody(open_home)
+    assert lines == ["ok: 3 control files checked"] or (lines == [] and code == 1)
+
+
+@needs_root
+def test_as_nobody_what_root_can_read_but_the_sessions_cannot(open_home):
+    """Files of mode 600 (root reads them anyway), a plugin only root may run, a plugin
+    whose interpreter lies in a private directory: each is found."""
+    require_tools("openssl")
+    home = open_home
+    home.control("badmailfrom", "spam@example.com\n")
+    pem = os.path.join(home.path, "control", "servercert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", pem, "-out", pem + ".crt",
+                    "-days", "2", "-subj", "/CN=mx.example.org"], check=True, capture_output=True)
+    with open(pem, "ab") as f, open(pem + ".crt", "rb") as crt:
+        f.write(crt.read())
+    os.unlink(pem + ".crt")
+    for name in ("badmailfrom", "servercert.pem"):
+        os.chmod(os.path.join(home.path, "control", name), 0o600)
+    private = os.path.join(home.root, "private")
+    os.mkdir(private, 0o700)
+    os.symlink("/bin/sh", os.path.join(private, "sh"))
+    ok = script(home, "ok", "exit 0\n")
+    rootonly = script(home, "rootonly", "exit 0\n")
+    os.chmod(rootonly, 0o700)
+    hidden = script(home, "hidden", "exit 0\n", shell=os.path.join(private, "sh"))
+    home.control("smtpplugins", "[rcpt]\n%s\n%s\n%s\n" % (ok, rootonly, hidden))
+    assert check_home(home) == (["ok: 5 control files checked"], 0)  # as root: all fine
+    lines, code = as_nobody(home)
+    assert code == 1
+    assert lines == [
+        "control/badmailfrom: cannot read (Permission denied), the server would answer 421; "
+        "make it a file the server can read",
+        "control/servercert.pem: cannot read (Permission denied), STARTTLS would fail; make "
+        "it a file the server can read",
+        "control/smtpplugins: %s: not an executable file; chmod +x it or fix the path"
+        % rootonly,
+        "control/smtpplugins: %s: its interpreter %s/sh cannot be reached (Permission "
+        "denied; %s (mode 700) is in the way), so its section would answer 451; fix its "
+        "first line or the interpreter's permissions" % (hidden, private, private)]
+
+
+@needs_root
+def test_as_nobody_a_home_it_cannot_enter(make_home):
+    """The pytest tmp_path is private to root: the sessions could not even enter it."""
+    home = make_home()
+    lines, _ = as_nobody(home)
+    assert lines == ["%s: cannot enter the qmail home (Permission denied), so every "
+                     "connection would fail; make it and the directories above it searchable "
+                     "(chmod o+x)" % home.path]

@@ -4,13 +4,18 @@ replaces a file it did not make.
 
 One install (PREFIX=<tmp>/usr, no DESTDIR) is shared by the module; the QMAILBIN tests
 install again into the same PREFIX (make install upgrades in place). pip needs PyPI or
-its cache for click and attrs.
+its cache for click and attrs.  That install is made as an administrator with a
+private Python would make it: PYTHON is a link inside a mode-700 directory, so make
+install has to fall back to the system Python; PREFIX is in a directory everybody can
+search, and the installed program is run as `nobody`, as the SMTP sessions would.
 """
 
 import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 
 import pytest
 
@@ -43,12 +48,70 @@ def check(proc):
 
 
 @pytest.fixture(scope="module")
-def prefix(tmp_path_factory):
+def installed():
+    """(PREFIX, the make install run, the private PYTHON it was given)."""
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    prefix = str(tmp_path_factory.mktemp("install") / "usr")
-    check(make_install(prefix))
-    return prefix
+    private = tempfile.mkdtemp(prefix="qsmtpd-private-")  # mode 700
+    python = os.path.join(private, "python3")
+    os.symlink(sys._base_executable, python)  # the Python that made the test venv
+    root = tempfile.mkdtemp(prefix="qsmtpd-install-")
+    os.chmod(root, 0o755)  # PREFIX reachable by the SMTP user
+    try:
+        prefix = os.path.join(root, "usr")
+        proc = make_install(prefix, "PYTHON=" + python)
+        check(proc)
+        yield prefix, proc, python
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def prefix(installed):
+    return installed[0]
+
+
+def test_private_python_is_replaced_by_the_system_one(installed):
+    """make install says why it does not use PYTHON, and the venv runs the system Python."""
+    prefix, proc, python = installed
+    private = os.path.dirname(python)
+    assert ("make install: %s will not do (%s cannot be run by other users: %s (mode 700) is "
+            "in the way): the SMTP user could not run the server; using /usr/bin/python3 "
+            "instead\n" % (python, python, private)) in proc.stdout
+    with open(os.path.join(prefix, "lib", "qmail-smtpd-py", "pyvenv.cfg")) as f:
+        assert "home = /usr/bin\n" in f.read()
+    assert "warning" not in proc.stderr
+
+
+def as_nobody(*argv, **kw):
+    if os.geteuid() != 0:
+        pytest.skip("switching to nobody needs root")
+    helpers.require_tools("setuidgid")
+    return subprocess.run(["setuidgid", "nobody", *argv], capture_output=True, text=True,
+                          timeout=60, **kw)
+
+
+def test_installed_program_runs_as_the_smtp_user(prefix):
+    proc = as_nobody(os.path.join(prefix, "bin", "qmail-smtpd-py"), "--version", cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("qmail-smtpd-py, version ")
+
+
+def test_check_as_the_smtp_user_finds_the_installation_usable(prefix):
+    """`check --user nobody` runs the installed program as nobody: no finding."""
+    if os.geteuid() != 0:
+        pytest.skip("check --user needs root")
+    root = tempfile.mkdtemp(prefix="qsmtpd-home-")
+    try:
+        os.chmod(root, 0o755)
+        home = helpers.Home(root)
+        proc = subprocess.run([os.path.join(prefix, "bin", "qmail-smtpd-py"), "check",
+                               "--qmail-home", home.path, "--user", "nobody"],
+                              capture_output=True, text=True, timeout=60, cwd="/")
+        assert (proc.stdout, proc.returncode) == ("ok: 3 control files checked\n", 0)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def venv_script(prefix, name):

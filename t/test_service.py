@@ -5,6 +5,7 @@ tcp.smtp.cdb and `swaks` as the client. The test changes only files in env/ (lis
 qmail-smtpd-py first, no SMTPUSER), so what is exercised is the shipped run script."""
 
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -163,3 +164,86 @@ def test_supervised_service_relays_by_tcprules(service, tmp_path, run):
                 pass
         if proc.poll() is None:
             proc.wait()
+
+
+def test_svscan_log_service_as_loguser_and_a_maildir_trial(service, tmp_path):
+    """svscan runs the service and its log/ as an administrator's /service would: the
+    log service switches to env/LOGUSER (nobody here) and writes log/main; env/QMAILQUEUE
+    and env/MAILDIR send the mail of a trial into a Maildir."""
+    require_tools("svscan", "multilog", "setuidgid")
+    if os.geteuid() != 0:
+        pytest.skip("the log service switches users: needs root")
+    directory, home, port = service
+    maildir = tmp_path / "Maildir"
+    write_env(directory, "LOGUSER", "nobody")
+    write_env(directory, "QMAILQUEUE", os.path.join(BIN_DIR, "qmail-queue-maildir"))
+    write_env(directory, "MAILDIR", str(maildir))
+    build_rules(directory, ":allow\n")
+    main = os.path.join(directory, "log", "main")
+    os.mkdir(main)
+    nobody = pwd.getpwnam("nobody")
+    os.chown(main, nobody.pw_uid, nobody.pw_gid)
+    log = tmp_path / "svscan.log"
+    env = {"PATH": BIN_DIR + ":" + os.environ.get("PATH", "/usr/bin:/bin")}
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen(["svscan", str(tmp_path)], env=env, stdin=subprocess.DEVNULL,
+                                stdout=logf, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        wait_port(port, proc, log)
+        status, out = swaks(port, LOCAL)
+        assert status == 0, out
+        (name,) = os.listdir(maildir / "new")
+        message = (maildir / "new" / name).read_bytes()
+        assert message.startswith(b"Return-Path: <sender@client.test>\nDelivered-To: "
+                                  + LOCAL.encode() + b"\n"), message
+        current = os.path.join(main, "current")
+        deadline = time.monotonic() + 20
+        text = b""
+        while b" accept qp=" not in text and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if os.path.exists(current):
+                with open(current, "rb") as f:
+                    text = f.read()
+        assert re.search(rb"^@[0-9a-f]{24} \d+ 127\.0\.0\.1 accept qp=\d+ ", text, re.M), text
+        assert os.stat(current).st_uid == nobody.pw_uid  # multilog ran as LOGUSER
+    finally:
+        # svscan, both supervise, tcpserver and multilog share the process group
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        proc.wait()
+        deadline = time.monotonic() + 20
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+NO_CHECKPASSWORD = ("SMTPAUTH: set, but no checkpassword program is given on the command "
+                    "line, so AUTH is offered and every attempt refused with 503 (logged "
+                    "by=auth-off); give the checkpassword command line after qmail-smtpd-py "
+                    "(env/CHECKPASSWORD in the service kit) or unset SMTPAUTH")
+
+
+def test_make_check_reads_the_service_settings(service):
+    """`make check` in the service directory runs check with env/: QMAILHOME, the
+    accounts, SMTPAUTH and CHECKPASSWORD."""
+    directory, home, port = service
+
+    def make_check():
+        p = subprocess.run(["make", "--no-print-directory", "-s", "-C", directory, "check"],
+                           capture_output=True, text=True, timeout=60,
+                           env={"PATH": "/usr/bin:/bin"})
+        return p.stdout.splitlines(), p.returncode
+
+    write_env(directory, "LOGUSER", "qsmtpd-no-such-account")
+    write_env(directory, "SMTPAUTH", "")
+    lines, code = make_check()
+    assert lines == [
+        "log user qsmtpd-no-such-account: no such account, so the log service (setuidgid in "
+        "log/run) cannot start, and the server blocks once the log pipe is full; create it "
+        "(qmail's INSTALL.ids) or name another in env/LOGUSER", NO_CHECKPASSWORD], lines
+    assert code != 0
+    write_env(directory, "LOGUSER", "nobody")
+    write_env(directory, "CHECKPASSWORD", "/bin/true /bin/true")
+    assert make_check() == (["ok: 3 control files checked"], 0)

@@ -861,3 +861,51 @@ def test_tls_warning_is_logged_once_and_starttls_goes_on():
     assert r.log.count("TLS: client certificates not available: x") == 1
     assert r.output.endswith(b"220 ready for tls\r\n221 mx.example.org\r\n")
     assert not any(type(q) is rq.ClientCertificate for q in r.requests)
+
+
+# ------------------------------------------------------------------ the sample cipher list
+
+SAMPLE_CIPHERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "control", "tlsserverciphers")
+
+
+def test_sample_tlsserverciphers_leaves_only_ecdhe_aead_suites(make_home, certs, monkeypatch):
+    """The shipped control/tlsserverciphers, read by the real loader: for TLS 1.2 and
+    below only ECDHE suites with AES-GCM or ChaCha20-Poly1305 remain (no CBC, which the
+    default list keeps); TLS 1.3 keeps its own (AEAD) suites."""
+    from qmail_smtpd_py import tls
+
+    from world import load_config
+    with open(SAMPLE_CIPHERS) as f:
+        home = make_home(control={"servercert.pem": certs.read("server"),
+                                  "tlsserverciphers": f.read()})
+    cfg = load_config(home)
+    monkeypatch.chdir(home.path)
+    context, _ = tls.make_context(cfg.tls_ciphers, False)
+    old = [c for c in context.get_ciphers() if c["protocol"] != "TLSv1.3"]
+    assert {c["name"] for c in old} == {
+        "ECDHE-%s-%s" % (auth, cipher) for auth in ("ECDSA", "RSA")
+        for cipher in ("AES128-GCM-SHA256", "AES256-GCM-SHA384", "CHACHA20-POLY1305")}
+    assert all(c["aead"] and c["kea"] == "kx-ecdhe" for c in old)
+    assert any(c["protocol"] == "TLSv1.3" for c in context.get_ciphers())
+    default, _ = tls.make_context(None, False)
+    assert any(not c["aead"] for c in default.get_ciphers())  # what the sample is for
+
+
+def test_sample_tlsserverciphers_refuses_a_cbc_client(tcpservers, make_home, certs):
+    with open(SAMPLE_CIPHERS) as f:
+        home = make_home(control={"servercert.pem": certs.read("server"),
+                                  "tlsserverciphers": f.read()})
+    server = tcpservers.start(home)
+    with smtp(server) as s:
+        s.ehlo()
+        with pytest.raises(ssl.SSLError):
+            s.starttls(context=client_context(certs, max_version=ssl.TLSVersion.TLSv1_2,
+                                              ciphers="ECDHE-RSA-AES128-SHA256"))
+    with smtp(server) as s:
+        s.ehlo()
+        s.starttls(context=client_context(certs, max_version=ssl.TLSVersion.TLSv1_2))
+        name, version, _ = s.sock.cipher()
+        assert version == "TLSv1.2"
+        assert re.fullmatch(r"ECDHE-RSA-(AES128-GCM-SHA256|AES256-GCM-SHA384|CHACHA20-POLY1305)",
+                            name), name

@@ -64,6 +64,10 @@ if TYPE_CHECKING:
     from .requests import Steps
 
 MAX_HOPS = 100
+# Logged at every level, once per connection (qmail-smtpd-py check reports it too).
+NO_CHECKPASSWORD = ("warning: SMTPAUTH is set but no checkpassword program was given on the "
+                    "command line, so AUTH is offered and every attempt refused (503 "
+                    "by=auth-off); add checkpassword and its arguments to the command line")
 # qmail-smtpd's verb table: these do not flush their replies (pipelining).
 _BUFFERED_VERBS = frozenset((b"mail", b"rcpt", b"rset"))
 
@@ -141,6 +145,10 @@ class Session:
             yield Log("connect host=%s port=%s%s" % (
                 word(self.remotehost), word(self.env.get(b"TCPREMOTEPORT", b"-")),
                 "" if self.relayclient is None else " relayclient"))
+        if self.config.auth_mode and not self.config.checkpassword:
+            # Said at the start, not at the first AUTH: the set-up is wrong for every
+            # connection, and the first one (a probe, a test without AUTH) shows it.
+            yield Log(NO_CHECKPASSWORD)
         try:
             if self.config.smtps:
                 yield from self._start_tls(implicit=True)
