@@ -748,10 +748,6 @@ def _drain(fd):
 # ------------------------------------------------------------------ a worker
 
 
-class _Stop(Exception):
-    """SIGTERM while waiting for a connection."""
-
-
 class Worker:
     """A forked worker: accepts and serves sessions one at a time."""
 
@@ -760,8 +756,7 @@ class Worker:
         self.options = pool.options
         self.slot = slot
         self.pid = 0
-        self.waiting = False   # in accept(): SIGTERM ends the worker at once
-        self.stopping = False  # SIGTERM during a session: end after it
+        self.stopping = False  # SIGTERM: end after the session, if there is one
 
     def start(self):
         """The worker's own set-up after the fork."""
@@ -778,10 +773,11 @@ class Worker:
         pool.scoreboard.set(self.slot, self.pid, IDLE)
 
     def _term(self, signo, frame):
+        # Nothing raised from here: a connection accept() has just returned would be
+        # dropped unanswered (the parent retires idle workers at any moment). A
+        # blocked accept() retries on the closed listener and fails (EBADF) instead.
         self.stopping = True
         self.pool.listener.close()  # new connections are refused as soon as possible
-        if self.waiting:
-            raise _Stop()
 
     def run(self):
         code = 0
@@ -790,20 +786,13 @@ class Worker:
             listener = self.pool.listener
             served = 0
             while served < self.options.max_sessions and not self.stopping:
-                self.waiting = True
                 try:
-                    if self.stopping:
-                        break
                     conn, remote = listener.accept()
-                except _Stop:
-                    break
                 except OSError as e:
                     if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                         self.pool.log("serve: unable to accept: %s" % e)
                         time.sleep(0.1)  # do not spin while the cause lasts
                     continue
-                finally:
-                    self.waiting = False
                 if self.pool.scoreboard.stopping:  # taken as the pool stopped: unanswered
                     conn.close()
                     break
