@@ -63,6 +63,19 @@ def session(message):
             b"RCPT TO:<u@example.com>\r\nDATA\r\n" + message + b".\r\nQUIT\r\n")
 
 
+
+def converse(port, data):
+    """Send a whole pipelined session to the loopback port; the replies up to the 221."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(data)
+        reply = b""
+        while b"\r\n221 " not in reply:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply
+
 def check(out, status):
     if status != 0 or b"\r\n250 ok " not in out or not out.endswith(b"221 bench.example\r\n"):
         sys.exit("unexpected session result (exit %s): %r" % (status, out[-300:]))

@@ -27,7 +27,6 @@ The last line is the comparable figure: milliseconds per resolution.
 
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from qmail_smtpd_py import cdbmake
 from qmail_smtpd_py.recipients import REJECT, Resolver
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import SERVER, make_queue, start_server, stop_server, tree_cpu
+from _common import SERVER, converse, make_queue, start_server, stop_server, tree_cpu
 
 N = int(sys.argv[1]) if len(sys.argv) > 1 else 500
 SESSIONS = 40  # per pool and round
@@ -124,14 +123,7 @@ def pool_session(rcpts):
 def sessions(port, count, data, refused):
     """count sessions of data; each must get `refused` 550s and 250s for the rest."""
     for _ in range(count):
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(data)
-            reply = b""
-            while b"\r\n221 " not in reply:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
+        reply = converse(port, data)
         lines = reply.split(b"\r\n")
         got = lines.count(b"550 sorry, no mailbox here by that name (#5.1.1)")
         if got != refused or lines.count(b"250 ok") != RCPTS + 1 - refused:

@@ -26,7 +26,6 @@ greylist sees a known triplet in a warm database (the common case after the firs
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,7 +35,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "t"))
-from _common import SERVER, make_queue, start_server, stop_server, tree_cpu  # noqa: E402
+from _common import SERVER, converse, make_queue, start_server, stop_server, tree_cpu  # noqa: E402
 
 from dnsserver import DNSServer  # noqa: E402
 
@@ -118,16 +117,9 @@ def session_bytes(rcpts):
 def sessions(port, count, rcpts):
     data = session_bytes(rcpts)
     for _ in range(count):
-        with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(data)
-            reply = b""
-            while b"\r\n221 " not in reply:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                reply += chunk
-            if reply.count(b"250 ok\r\n") < rcpts + 1:  # MAIL and each RCPT
-                raise SystemExit("session failed: %r" % reply[-300:])
+        reply = converse(port, data)
+        if reply.count(b"250 ok\r\n") < rcpts + 1:  # MAIL and each RCPT
+            raise SystemExit("session failed: %r" % reply[-300:])
 
 
 def start_pool(home, queue, env, sections):

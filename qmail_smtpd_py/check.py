@@ -107,12 +107,13 @@ def _check_home(qmail_home, environ, args):
         return [Finding(qmail_home, "cannot enter the qmail home (%s), so every connection "
                         "would fail; make it and the directories above it searchable "
                         "(chmod o+x)" % e.strerror)], 0
-    try:
+    try:  # the server runs checkpassword from the qmail home too
         problems, checked = _check_here(environ)
+        problems += _check_auth(environ, args)
     finally:
         os.fchdir(cwd)
         os.close(cwd)
-    return problems + _check_auth(environ, args), checked
+    return problems, checked
 
 
 def _as_user(name, qmail_home, environ, args):

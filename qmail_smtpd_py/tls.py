@@ -88,9 +88,12 @@ def _make_context(ciphers, client_ca):
         context.load_cert_chain(SERVERCERT)
     except (ssl.SSLError, OSError) as e:
         return None, TLSSetupFailed(*_certificate_error(e))
-    # No TLS 1.3 session tickets: SMTP clients rarely resume, a ticket is only
-    # good for the worker that issued it, and each costs a write per session.
+    # No session tickets, TLS 1.3 (num_tickets) or 1.2 (OP_NO_TICKET): the ticket
+    # keys are the process's own, so under tcpserver no ticket could ever be resumed,
+    # and in the pool only by a client that happens to land on the same worker; each
+    # ticket costs a write per session.
     context.num_tickets = 0
+    context.options |= ssl.OP_NO_TICKET
     warnings = []
     if ciphers:
         try:

@@ -456,6 +456,33 @@ def free_port():
         return s.getsockname()[1]
 
 
+
+# `qmail-smtpd-py check`'s line for SMTPAUTH without a checkpassword command line
+CHECK_NO_CHECKPASSWORD = (
+    "SMTPAUTH: set, but no checkpassword program is given on the command line, so AUTH is "
+    "offered and every attempt refused with 503 (logged by=auth-off); give the "
+    "checkpassword command line after qmail-smtpd-py (env/CHECKPASSWORD in the service "
+    "kit) or unset SMTPAUTH")
+
+def wait_greeting(port, proc, output, timeout=30):
+    """Wait until a 220 greeting comes on the loopback port (then QUIT); fail the test
+    with what proc wrote to output (a Path) if proc exits first or nothing answers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail("%s exited %s: %s" % (proc.args[0], proc.returncode,
+                                              output.read_text(errors="replace")))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.settimeout(5)
+                if s.recv(512).startswith(b"220 "):
+                    s.sendall(b"QUIT\r\n")
+                    return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    pytest.fail("nothing answered on port %d: %s" % (port, output.read_text(errors="replace")))
+
 # ------------------------------------------------------------------ environment-recording queue
 
 ENV_QUEUE = '#!/bin/sh\nenv -0 > "%(dir)s/$$"\ncp "%(dir)s/$$" "%(dir)s/last"\nexec "%(queue)s"\n'

@@ -9,7 +9,7 @@ import tempfile
 
 import pytest
 
-from helpers import Home, require_tools, script
+from helpers import CHECK_NO_CHECKPASSWORD, Home, require_tools, script
 
 PROGRAM = os.path.join(os.path.dirname(sys.executable), "qmail-smtpd-py")
 
@@ -224,15 +224,9 @@ def test_client_relaying_half_set_up(make_home, have, missing):
 
 # ------------------------------------------------------------------ AUTH set-up
 
-NO_CHECKPASSWORD = ("SMTPAUTH: set, but no checkpassword program is given on the command "
-                    "line, so AUTH is offered and every attempt refused with 503 (logged "
-                    "by=auth-off); give the checkpassword command line after qmail-smtpd-py "
-                    "(env/CHECKPASSWORD in the service kit) or unset SMTPAUTH")
-
-
 @pytest.mark.parametrize("smtpauth", ["", "cram", "!"])
 def test_smtpauth_without_checkpassword(make_home, smtpauth):
-    assert check_home(make_home(), env={"SMTPAUTH": smtpauth}) == ([NO_CHECKPASSWORD], 1)
+    assert check_home(make_home(), env={"SMTPAUTH": smtpauth}) == ([CHECK_NO_CHECKPASSWORD], 1)
 
 
 @pytest.mark.parametrize("env, args", [
@@ -252,6 +246,16 @@ def test_checkpassword_program_missing(make_home, tmp_path):
                             env={"SMTPAUTH": ""})
     assert (lines, code) == (["%s: checkpassword program not found, so every AUTH fails (535 "
                               "after 5 seconds); fix the command line" % missing], 1)
+
+
+def test_relative_checkpassword_is_found_from_the_qmail_home(make_home):
+    """The server runs checkpassword with the qmail home as working directory (a relative
+    path only fits the old form, after the hostname)."""
+    home = make_home()
+    script(home, "checkpassword", "exit 1\n")
+    assert run_check("--qmail-home", home.path, "mx.example.org", "plugins/checkpassword",
+                     "/bin/true",
+                     env={"SMTPAUTH": ""}) == (["ok: 3 control files checked"], 0)
 
 
 def test_checkpassword_given_but_smtpauth_unset(make_home):

@@ -11,11 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
-from helpers import REPO, free_port, require_tools
+from helpers import REPO, free_port, require_tools, wait_greeting
 
 PASSWORD_LINE = "LOGIN PLAIN as user demo, password demo-password; mail into %s/Maildir/new"
 
@@ -26,23 +25,6 @@ def make_env():
                  "HOST"):
         env.pop(name, None)
     return env
-
-
-def wait_greeting(port, proc, out, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("make run-demo exited %s: %s" % (proc.returncode, out.read_text()))
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.settimeout(5)
-                if s.recv(512).startswith(b"220 "):
-                    s.sendall(b"QUIT\r\n")
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    pytest.fail("nothing answered on port %d: %s" % (port, out.read_text()))
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,15 @@ import time
 
 import pytest
 
-from helpers import BIN_DIR, REPO, free_port, require_server, require_tools
+from helpers import (
+    BIN_DIR,
+    CHECK_NO_CHECKPASSWORD,
+    REPO,
+    free_port,
+    require_server,
+    require_tools,
+    wait_greeting,
+)
 
 SERVICE = os.path.join(REPO, "service", "qmail-smtpd-py")
 FOREIGN = "rcpt@foreign.example"
@@ -37,21 +45,13 @@ def build_rules(service, rules):
                        cwd=service, check=True, timeout=30)
 
 
-def wait_port(port, proc, log, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail("supervise exited (%s): %r" % (proc.returncode, log.read_bytes()))
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.settimeout(5)
-                if s.recv(512).startswith(b"220 "):
-                    s.sendall(b"QUIT\r\n")
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    pytest.fail("nothing answered on port %d: %r" % (port, log.read_bytes()))
+def daemontools(argv, log):
+    """supervise or svscan in a process group of its own (the test kills the group),
+    the installed programs first in PATH, its output into log."""
+    env = {"PATH": BIN_DIR + ":" + os.environ.get("PATH", "/usr/bin:/bin")}
+    with open(log, "wb") as logf:
+        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def swaks(port, to, *extra):
@@ -101,13 +101,9 @@ def test_supervised_service_relays_by_tcprules(service, tmp_path, run):
         write_env(directory, "POOLOPTIONS", "--root")
     build_rules(directory, '127.:allow,RELAYCLIENT=""\n:allow\n')
     log = tmp_path / "supervise.log"
-    env = {"PATH": BIN_DIR + ":" + os.environ.get("PATH", "/usr/bin:/bin")}
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(["supervise", directory], env=env, stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = daemontools(["supervise", directory], log)
     try:
-        wait_port(port, proc, log)
+        wait_greeting(port, proc, log)
 
         # 127.0.0.1 matches 127.: RELAYCLIENT is set, a foreign recipient is accepted
         status, out = swaks(port, FOREIGN)
@@ -184,13 +180,9 @@ def test_svscan_log_service_as_loguser_and_a_maildir_trial(service, tmp_path):
     nobody = pwd.getpwnam("nobody")
     os.chown(main, nobody.pw_uid, nobody.pw_gid)
     log = tmp_path / "svscan.log"
-    env = {"PATH": BIN_DIR + ":" + os.environ.get("PATH", "/usr/bin:/bin")}
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(["svscan", str(tmp_path)], env=env, stdin=subprocess.DEVNULL,
-                                stdout=logf, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+    proc = daemontools(["svscan", str(tmp_path)], log)
     try:
-        wait_port(port, proc, log)
+        wait_greeting(port, proc, log)
         status, out = swaks(port, LOCAL)
         assert status == 0, out
         (name,) = os.listdir(maildir / "new")
@@ -219,12 +211,6 @@ def test_svscan_log_service_as_loguser_and_a_maildir_trial(service, tmp_path):
             time.sleep(0.05)
 
 
-NO_CHECKPASSWORD = ("SMTPAUTH: set, but no checkpassword program is given on the command "
-                    "line, so AUTH is offered and every attempt refused with 503 (logged "
-                    "by=auth-off); give the checkpassword command line after qmail-smtpd-py "
-                    "(env/CHECKPASSWORD in the service kit) or unset SMTPAUTH")
-
-
 def test_make_check_reads_the_service_settings(service):
     """`make check` in the service directory runs check with env/: QMAILHOME, the
     accounts, SMTPAUTH and CHECKPASSWORD."""
@@ -242,7 +228,7 @@ def test_make_check_reads_the_service_settings(service):
     assert lines == [
         "log user qsmtpd-no-such-account: no such account, so the log service (setuidgid in "
         "log/run) cannot start, and the server blocks once the log pipe is full; create it "
-        "(qmail's INSTALL.ids) or name another in env/LOGUSER", NO_CHECKPASSWORD], lines
+        "(qmail's INSTALL.ids) or name another in env/LOGUSER", CHECK_NO_CHECKPASSWORD], lines
     assert code != 0
     write_env(directory, "LOGUSER", "nobody")
     write_env(directory, "CHECKPASSWORD", "/bin/true /bin/true")

@@ -909,3 +909,50 @@ def test_sample_tlsserverciphers_refuses_a_cbc_client(tcpservers, make_home, cer
         assert version == "TLSv1.2"
         assert re.fullmatch(r"ECDHE-RSA-(AES128-GCM-SHA256|AES256-GCM-SHA384|CHACHA20-POLY1305)",
                             name), name
+
+
+# ------------------------------------------------------------------ no session tickets
+
+@pytest.mark.parametrize("version", ["TLSv1_2", "TLSv1_3"])
+def test_no_session_tickets(servers, tls_home, certs, version):
+    """Neither TLS 1.3 nor TLS 1.2 tickets, under tcpserver and in the pool: the EHLO
+    after STARTTLS is read, so a ticket sent after the handshake would have arrived."""
+    server = servers.start(tls_home)
+    context = client_context(certs, max_version=ssl.TLSVersion[version])
+    context.minimum_version = ssl.TLSVersion[version]
+    with smtp(server) as s:
+        s.ehlo()
+        s.starttls(context=context)
+        assert s.ehlo()[0] == 250
+        assert s.sock.version() == version.replace("_", ".")
+        assert not s.sock.session.has_ticket
+
+
+def starttls_once(port, context, session=None):
+    """One session: EHLO, STARTTLS offering session, EHLO, QUIT; the SSLSocket's
+    (session_reused, session)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=IO_TIMEOUT) as s:
+        f = s.makefile("rb")
+        assert f.readline().startswith(b"220 ")
+        s.sendall(b"EHLO client.test\r\nSTARTTLS\r\n")
+        while not f.readline().startswith(b"220 "):
+            pass
+        with context.wrap_socket(s, server_hostname="mx.test", session=session) as t:
+            t.sendall(b"EHLO client.test\r\nQUIT\r\n")
+            assert t.makefile("rb").read().endswith(b"221 mx.example.org\r\n")
+            return t.session_reused, t.session
+
+
+@pytest.mark.parametrize("mode", ["tcpserver", "pool"])
+def test_tls12_resumption_by_session_id_only_in_the_same_worker(tcpservers, tls_home, certs,
+                                                                mode):
+    """Without tickets, a TLS 1.2 client that comes back resumes by session id only from
+    the cache of the process that served it: never under tcpserver (one process per
+    connection), in the pool when the same worker (here the only one) accepts."""
+    options = ("--min-spare", "1", "--max-spare", "1") if mode == "pool" else ()
+    server = tcpservers.start(tls_home, mode=mode, maxconn=1, options=options)
+    context = client_context(certs, max_version=ssl.TLSVersion.TLSv1_2)
+    reused, session = starttls_once(server.port, context)
+    assert not reused and not session.has_ticket
+    reused, _ = starttls_once(server.port, context, session)
+    assert reused == (mode == "pool")
