@@ -56,14 +56,16 @@ tcpserver:
 
 # Serve SMTP on $(HOST):$(PORT); mail lands in $(RUNDIR)/Maildir/new. Try:
 #   swaks --server 127.0.0.1:2525 --to user@localhost
+RUN_HOME = $(abspath $(RUNDIR))
+
 run: $(STAMP) tcpserver
-	mkdir -p $(RUNDIR)/Maildir
-	ln -sfn ../control $(RUNDIR)/control
-	@echo "qmail-smtpd-py on $(HOST):$(PORT), qmail home $(CURDIR)/$(RUNDIR), mail into $(CURDIR)/$(RUNDIR)/Maildir/new"
-	cd $(RUNDIR) && exec env \
-	  QMAILHOME=$(CURDIR)/$(RUNDIR) \
+	mkdir -p $(RUN_HOME)/Maildir
+	ln -sfn $(CURDIR)/control $(RUN_HOME)/control
+	@echo "qmail-smtpd-py on $(HOST):$(PORT), qmail home $(RUN_HOME), mail into $(RUN_HOME)/Maildir/new"
+	cd $(RUN_HOME) && exec env \
+	  QMAILHOME=$(RUN_HOME) \
 	  QMAILQUEUE=$(BIN)/qmail-queue-maildir \
-	  MAILDIR=$(CURDIR)/$(RUNDIR)/Maildir \
+	  MAILDIR=$(RUN_HOME)/Maildir \
 	  tcpserver -v -R -H -l localhost -c 20 $(HOST) $(PORT) $(BIN)/qmail-smtpd-py
 
 # As `make run`, with STARTTLS and SMTP AUTH, in a demo qmail home $(RUNDIR)/demo (never
@@ -73,7 +75,7 @@ run: $(STAMP) tcpserver
 # offered after STARTTLS only (FORCETLS=1); mail lands in $(RUNDIR)/demo/Maildir/new.
 DEMO_USER ?= demo
 DEMO_PASSWORD ?= demo-password
-DEMO_HOME = $(abspath $(RUNDIR))/demo
+DEMO_HOME = $(RUN_HOME)/demo
 
 # checkpassword's interface: user NUL password NUL on fd 3; on success it runs its
 # arguments (here /bin/true), otherwise it exits 1.

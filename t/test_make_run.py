@@ -1,9 +1,11 @@
-"""`make run-demo`, as a newcomer runs it: the real make, openssl, tcpserver and swaks.
+"""`make run` and `make run-demo`, as a newcomer runs them: the real make, openssl,
+tcpserver and swaks.
 
-The target runs in the background with its own RUNDIR (a temporary directory) and a
-free PORT; the test logs in over STARTTLS with the user and password the target
-printed, and the message has to land in the demo Maildir. The installed .venv is the
-one the suite runs (`make -o .venv/.installed`: never reinstalled from here).
+Each target runs in the background with its own RUNDIR (a temporary directory) and a
+free PORT; the message swaks sends has to land in the target's Maildir, and for the
+demo only after a login over STARTTLS with the user and password the target printed.
+The installed .venv is the one the suite runs (`make -o .venv/.installed`: never
+reinstalled from here).
 """
 
 import os
@@ -27,36 +29,70 @@ def make_env():
     return env
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """make run-demo in the background: (port, demo home, its output file)."""
-    tmp_path = tmp_path_factory.mktemp("demo")
-    require_tools("make", "tcpserver", "openssl", "swaks")
-    if subprocess.run(["perl", "-MIO::Socket::SSL", "-e", "1"],
-                      capture_output=True).returncode != 0:
-        pytest.skip("swaks --tls needs libio-socket-ssl-perl")
+def serve(target, tmp_path):
+    """Start `make target` in the background; once it greets, (port, RUNDIR, its output
+    file, the make process)."""
+    require_tools("make", "tcpserver", "swaks")
     rundir = tmp_path / "run"
     port = free_port()
     out = tmp_path / "make.out"
     with open(out, "wb") as f:
         proc = subprocess.Popen(
-            ["make", "--no-print-directory", "-C", REPO, "-o", ".venv/.installed",
-             "run-demo", "PORT=%d" % port, "RUNDIR=" + str(rundir)],
+            ["make", "--no-print-directory", "-C", REPO, "-o", ".venv/.installed", target,
+             "PORT=%d" % port, "RUNDIR=" + str(rundir)],
             env=make_env(), stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
             start_new_session=True)
     try:
         wait_greeting(port, proc, out)
+    except BaseException:
+        stop(proc)
+        raise
+    return port, rundir, out, proc
+
+
+def stop(proc):
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)  # make and tcpserver: Ctrl-C's way out
+    except OSError:
+        pass
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_make_run_delivers_into_its_maildir(tmp_path):
+    port, rundir, out, proc = serve("run", tmp_path)
+    try:
+        p = subprocess.run(["swaks", "--server", "127.0.0.1:%d" % port, "--to",
+                            "user@localhost", "--from", "me@client.test", "--helo",
+                            "client.test", "--timeout", "20"],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    finally:
+        stop(proc)
+    assert p.returncode == 0, p.stdout + p.stderr
+    (name,) = os.listdir(rundir / "Maildir" / "new")
+    message = (rundir / "Maildir" / "new" / name).read_bytes()
+    assert message.startswith(b"Return-Path: <me@client.test>\n"
+                              b"Delivered-To: user@localhost\n"), message
+    # the sample control files: control/me is localhost
+    assert os.readlink(rundir / "control") == os.path.join(REPO, "control")
+    assert b"  by localhost with SMTP; " in message, message
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """make run-demo in the background: (port, demo home, its output file)."""
+    require_tools("openssl")
+    if subprocess.run(["perl", "-MIO::Socket::SSL", "-e", "1"],
+                      capture_output=True).returncode != 0:
+        pytest.skip("swaks --tls needs libio-socket-ssl-perl")
+    port, rundir, out, proc = serve("run-demo", tmp_path_factory.mktemp("demo"))
+    try:
         yield port, rundir / "demo", out
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # make and tcpserver: Ctrl-C's way out
-        except OSError:
-            pass
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop(proc)
 
 
 def test_run_demo_starttls_and_auth_deliver_into_the_maildir(demo):
