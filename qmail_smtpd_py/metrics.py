@@ -212,7 +212,8 @@ class Metrics:
 
     open() binds the endpoint (before the pool drops its privileges) or takes
     the one kept over a re-exec; prepare() makes the directory and imports
-    prometheus_client, start() the instruments (before the first fork); the pool's select loop calls
+    prometheus_client (also before the drop); start() makes the instruments
+    (after it, before the first fork); the pool's select loop calls
     readers(), writers() and handle(); worker_gone() folds a reaped worker's
     files; in_worker() lets a forked worker drop the parent's sockets; keep()
     passes the socket and directory over a re-exec; close() removes it all."""
@@ -221,12 +222,15 @@ class Metrics:
         self.address = address
         self.log = log
         self.state = state     # () -> (busy, idle, max_connections, listening socket)
+        self.parent = os.getpid()
         self.listener = None
         self.directory = None
         self.clients = {}      # socket -> _Scrape
         self.archives = {}     # "counter", "histogram" -> MmapedDict
         self.registry = None
         self.generate = None
+        self._prometheus = None  # prometheus_client and the parts of it start() uses
+        self._gauge_family = self._mmaped_dict = self._collector = None
 
     def open(self):
         kept = os.environ.pop(INHERIT, None)
@@ -250,30 +254,34 @@ class Metrics:
             if os.geteuid() == 0 and (uid is not None or gid is not None):
                 os.chown(self.directory, -1 if uid is None else uid, -1 if gid is None else gid)
         os.environ[DIRECTORY] = self.directory
+        # Every module now, while the interpreter's files are readable (-u).
         try:
-            from prometheus_client import values
+            import prometheus_client
+            from prometheus_client import mmap_dict, multiprocess, values
+            from prometheus_client.core import GaugeMetricFamily
         except ImportError as e:
             raise OSError("--metrics needs prometheus_client (pip install "
                           "'qmail-smtpd-py[metrics]'): %s" % e) from None
         if not values.ValueClass._multiprocess:  # imported before the variable was set
             raise OSError("prometheus_client was loaded before %s was set" % DIRECTORY)
+        self._prometheus = prometheus_client
+        self._gauge_family = GaugeMetricFamily
+        self._mmaped_dict = mmap_dict.MmapedDict
+        self._collector = multiprocess.MultiProcessCollector
 
     def start(self):
-        """After the privileges are dropped (a re-executed parent must be able
-        to open its files again), before the first fork: the instruments,
-        the archive and the scrape registry."""
+        """After the privileges are dropped (the files are the sessions'
+        user's: a re-executed parent must open them again), before the first
+        fork: the instruments, the archive and the scrape registry."""
         global instruments
-        import prometheus_client
-        from prometheus_client.core import GaugeMetricFamily
-        from prometheus_client.mmap_dict import MmapedDict
-        from prometheus_client.multiprocess import MultiProcessCollector
-        self._mmaped_dict = MmapedDict
+        prometheus_client = self._prometheus
         instruments = Instruments(prometheus_client)
-        self.archives = {kind: MmapedDict(os.path.join(self.directory, "%s_archive.db" % kind))
+        self.archives = {kind: self._mmaped_dict(os.path.join(self.directory,
+                                                              "%s_archive.db" % kind))
                          for kind in ("counter", "histogram")}
         self.registry = prometheus_client.CollectorRegistry()
-        MultiProcessCollector(self.registry, self.directory)
-        self.registry.register(_PoolGauges(self.state, GaugeMetricFamily))
+        self._collector(self.registry, self.directory)
+        self.registry.register(_PoolGauges(self.state, self._gauge_family))
         self.generate = prometheus_client.generate_latest
 
     def where(self):
@@ -406,7 +414,9 @@ class Metrics:
         self.clients = {}
         for archive in self.archives.values():
             archive.close()
-        if self.directory is not None:
+        # Only the pool's parent: a forked child unwinding into its code (a bug) must
+        # not take the live workers' files with it.
+        if self.directory is not None and os.getpid() == self.parent:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 

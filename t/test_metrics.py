@@ -11,8 +11,11 @@ verb, -C refusals, a tcprules deny), scraped over HTTP during and after the run;
 log is the ground truth (close, refuse and accept lines; `serve: limit/deny`; the
 plugin's own line per run).  Workers are recycled (-n 7) during the run, a SIGHUP
 re-executes the parent, and the counts stay equal to the log; the files of dead workers
-are folded away.  The exposition is linted with promtool when it is installed.  No
-assertion depends on timing: waits are for events, with generous limits.
+are folded away, and the directory is removed at the end (also by a parent that dropped
+to -u nobody).  The exposition is linted with promtool when it is installed.  Without
+prometheus_client on the path --metrics is a usage error; without --metrics nothing of
+it is imported.  No assertion depends on timing: waits are for events, with generous
+limits.
 """
 
 import ast
@@ -30,7 +33,15 @@ import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from test_pool import GREETING, Client, require_loopback_source, wait_for
+from test_pool import (
+    GREETING,
+    Client,
+    require_loopback_source,
+    smtplib_local,
+    spawn_serve,
+    wait_for,
+    world_readable_home,
+)
 from test_tcpserver import tcprules
 
 import qmail_smtpd_py.core.session as session_module
@@ -450,6 +461,34 @@ def test_counts_survive_a_sighup_reload(tcpservers, home):
     assert total(after, "workers_started_total") > total(before, "workers_started_total")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_metrics_under_u_g(tcpservers, make_home, tmp_path):
+    """As root with -u/-g nobody: everything the endpoint needs is loaded before the drop
+    (the interpreter's files need not be readable by nobody), the directory is nobody's,
+    the workers count into it, and the parent, as nobody, removes it at the end."""
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    _, home_path, queue, _ = world_readable_home(make_home, tmp_path)
+    port = free_port()
+    env = {"PATH": os.environ["PATH"], "QMAILHOME": home_path, "QMAILQUEUE": queue}
+    server = spawn_serve(tcpservers, [SERVER, "serve", "-v", "-H", "-l", "mx.test", "-u",
+                                      str(nobody.pw_uid), "-g", str(nobody.pw_gid),
+                                      "--metrics", "127.0.0.1:%d" % port], env)
+    directory = re.search(rb"files in (\S+)\)", server.log_text()).group(1).decode()
+    assert (os.stat(directory).st_uid, os.stat(directory).st_gid) == (nobody.pw_uid,
+                                                                      nobody.pw_gid)
+    for _ in range(2):
+        smtplib_local(server.port, "127.0.0.1")
+    wait_for(lambda: Log(server).sessions["quit", "0"] == 2)
+    samples = scrape(port)
+    Log(server).equal(samples)
+    assert total(samples, "messages_queued_total") == 2
+    os.killpg(server.pid, signal.SIGTERM)
+    server.proc.wait(TIMEOUT)
+    assert server.proc.returncode == 0, server.log_text()
+    assert not os.path.exists(directory)
+
+
 def test_exposition_has_help_and_type_and_passes_promtool(tcpservers, make_home):
     home, _ = mail_home(make_home)
     server, port = start(tcpservers, home)
@@ -537,6 +576,33 @@ def test_metrics_option_errors(tcpservers, home):
                               env={"PATH": os.environ["PATH"], "QMAILHOME": home.path})
     assert busy.returncode == 111
     assert b"unable to bind the metrics address 127.0.0.1:%d" % port in busy.stderr
+
+
+def test_without_the_extra_metrics_is_a_usage_error(home, tmp_path):
+    """The installed package run from a copy of its site-packages that lacks
+    prometheus_client (links to everything else): --metrics exits 2 naming the extra,
+    before binding anything; a session without it is served as usual."""
+    import prometheus_client
+    site = os.path.dirname(os.path.dirname(prometheus_client.__file__))
+    bare = tmp_path / "site-packages"
+    bare.mkdir()
+    for name in os.listdir(site):
+        if not name.startswith("prometheus_client"):
+            os.symlink(os.path.join(site, name), bare / name)
+    program = ["-c", "import sys; sys.path.append(%r); from qmail_smtpd_py.cli import main; "
+               "sys.exit(main())" % str(bare)]
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # not even tried
+        port = taken.getsockname()[1]
+        p = subprocess.run([sys.executable, "-I", "-S", *program, "serve", "--metrics",
+                            "127.0.0.1:%d" % port, "127.0.0.1", str(free_port())],
+                           capture_output=True, timeout=TIMEOUT)
+    assert p.returncode == 2, p
+    assert b"--metrics" in p.stderr and b"qmail-smtpd-py[metrics]" in p.stderr, p.stderr
+    env = {"PATH": os.environ["PATH"], "QMAILHOME": home.path, "QMAILQUEUE": home.queue.path,
+           "TCPREMOTEIP": "127.0.0.1"}
+    p = subprocess.run([sys.executable, "-I", "-S", *program], input=crlf(*KINDS[0][:3], b"QUIT"),
+                       env=env, capture_output=True, timeout=TIMEOUT)
+    assert p.returncode == 0 and b"250 ok" in p.stdout, p
 
 
 def imported(argv, **run):

@@ -86,9 +86,9 @@ def reply_code(reply: bytes) -> bytes:
     return bytes(reply).rstrip(b"\r\n").rsplit(b"\n", 1)[-1][:3]
 
 
-def refusal_words(verb: bytes, reply: bytes, by: str, fields: dict) -> str:
-    """`refuse <VERB> <code> by=<check> key=value...`: code from the reply's last line."""
-    words = ["refuse", word(verb.upper()), word(reply_code(reply) or b"-"), "by=" + by]
+def refusal_words(verb: bytes, code: bytes, by: str, fields: dict) -> str:
+    """`refuse <VERB> <code> by=<check> key=value...`; code: the reply's (reply_code)."""
+    words = ["refuse", word(verb.upper()), word(code or b"-"), "by=" + by]
     for key, value in fields.items():
         if isinstance(value, bytes):
             value = "<%s>" % word(value) if key in ("from", "to") else word(value)

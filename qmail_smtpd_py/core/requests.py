@@ -129,9 +129,12 @@ class Log(Value):
     data (Closed, Refused, Accepted; None for other lines), at every log
     level, so that a driver can count events without reading log text."""
     __slots__ = ("text", "fact")
-    _defaults = {"fact": None}
     text: str | None
     fact: Value | None
+
+    def __init__(self, text, fact=None):  # the commonest request: no defaults lookup
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "fact", fact)
 
 
 class Now(Value):

@@ -214,12 +214,11 @@ class Session:
         """The Log request of a refusal: its line (from SMTPLOGLEVEL 1 on) and
         its fact.  The fact's verb and code are bounded: a client may send any
         word as a command, a plugin any text as a reply."""
+        verb, code = self.verb, reply_code(reply)
         text = None
         if self.log_level >= LOG_EVENTS:
-            text = refusal_words(self.verb, reply, by, fields)
-        verb = self.verb
+            text = refusal_words(verb, code, by, fields)
         verb = verb.upper().decode() if verb in self._VERBS or verb == b"connect" else "OTHER"
-        code = reply_code(reply)
         code = code.decode() if len(code) == 3 and code.isdigit() else "other"
         return Log(text, Refused(verb, code, by))
 
