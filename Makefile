@@ -193,7 +193,7 @@ fuzz: $(STAMP)
 # qmaild: a Python under a mode-700 home would drop every connection; an existing venv
 # made with such a Python is made again), with the package installed
 # (non-editable, click and attrs from PyPI or pip's cache, with the dns and redis
-# extras for the sample plugins), links
+# extras for the sample plugins and the metrics extra for serve --metrics), links
 # $(PREFIX)/bin/qmail-smtpd-py and $(PREFIX)/bin/qmail-queue-maildir to its scripts,
 # installs the man page into $(PREFIX)/share/man/man8 and the sample control files into
 # $(PREFIX)/share/qmail-smtpd-py/control (samples only: nothing is written to a qmail
@@ -259,7 +259,7 @@ install:
 	  echo "make install: the package in $(DESTDIR)$(LIBDIR) is up to date"; \
 	else \
 	  rm -rf build && \
-	  "$(DESTDIR)$(LIBDIR)/bin/python" -m pip install --quiet --disable-pip-version-check "$(CURDIR)[dns,redis]" && \
+	  "$(DESTDIR)$(LIBDIR)/bin/python" -m pip install --quiet --disable-pip-version-check "$(CURDIR)[dns,redis,metrics]" && \
 	  rm -rf build && echo "$$sum" > "$(DESTDIR)$(LIBDIR)/.source-sha256" || exit 1; \
 	fi
 	$(call fast_launcher,"$(DESTDIR)$(LIBDIR)/bin/qmail-smtpd-py")

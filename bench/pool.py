@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/pool.py [--seconds S] [--rounds R] [--clients 1,4,16]
                                    [--modes pool,fork,tcpserver,qpsmtpd] [--tls] [--pss]
+                                   [--metrics]
 
 Each mode's server runs on its own loopback port with the discarding C queue of
 _common.py (so the figures are the SMTP front end's): `qmail-smtpd-py serve` (the
@@ -23,6 +24,9 @@ divided by the sessions it served.
 against its plain sessions, server CPU per session, with the bench's own client.
 --pss: the memory of a pool of 40 idle workers that have served sessions: total
 PSS, and private memory per worker.
+--metrics: the pool with --metrics against the pool without, server CPU per session
+(rounds A B A B ..., the first --clients figure; the counts of the last scrape are
+checked against the sessions run), and the parent's CPU per scrape.
 """
 
 import argparse
@@ -39,6 +43,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     SERVER,
+    free_port,
     qpsmtpd_config,
     session,
     setup,
@@ -229,6 +234,52 @@ def pss(args, env):
         stop_server(proc)
 
 
+def metrics(args, env, source):
+    """The pool with --metrics (B) against the pool without (A), interleaved."""
+    import urllib.request
+    mport = free_port()
+    url = "http://127.0.0.1:%d/metrics" % mport
+    servers = {"off": start_server("pool", env, "bench.example"),
+               "on": start_server("pool", env, "bench.example",
+                                  options=("--metrics", "127.0.0.1:%d" % mport))}
+    clients = int(args.clients.split(",")[0])
+    try:
+        proc, port = servers["off"]
+        rate, _ = measure(proc, port, clients, 100, source)
+        count = max(200, int(rate * args.seconds))
+        delivered = 0
+        figures = {"off": [], "on": []}
+        for _ in range(args.rounds):
+            for name in ("off", "on"):
+                proc, port = servers[name]
+                figures[name].append(measure(proc, port, clients, count, source)[1])
+                if name == "on":
+                    delivered += count
+        with urllib.request.urlopen(url) as r:
+            text = r.read().decode()
+        queued = sum(float(line.split()[-1]) for line in text.splitlines()
+                     if line.startswith("qmail_smtpd_py_messages_queued_total"))
+        if queued != delivered:
+            sys.exit("metrics: %d messages counted, %d delivered" % (queued, delivered))
+        proc, _ = servers["on"]
+        cpu0 = tree_cpu(proc.pid)
+        for _ in range(200):
+            with urllib.request.urlopen(url) as r:
+                r.read()
+        scrape_ms = (tree_cpu(proc.pid) - cpu0) * 1000 / 200
+    finally:
+        for proc, _ in servers.values():
+            stop_server(proc)
+    ratios = [b / a for a, b in zip(figures["off"], figures["on"])]
+    print("pool: load: %s" % ("smtp-source (Postfix)" if source else "the bench's clients"))
+    print("pool: metrics: %d clients, %d rounds of %d sessions: server CPU per session %.2f ms "
+          "without, %.2f ms with --metrics (median ratio %.3fx, rounds %s); %d messages counted "
+          "as delivered; a scrape %.2f ms of the parent's CPU"
+          % (clients, args.rounds, count, statistics.median(figures["off"]),
+             statistics.median(figures["on"]), statistics.median(ratios),
+             " ".join("%.3f" % r for r in ratios), queued, scrape_ms))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=3.0, help="per run (default 3)")
@@ -237,6 +288,7 @@ def main():
     ap.add_argument("--modes", default="pool,fork,tcpserver,qpsmtpd")
     ap.add_argument("--tls", action="store_true")
     ap.add_argument("--pss", action="store_true")
+    ap.add_argument("--metrics", action="store_true")
     ap.add_argument("--own-client", action="store_true", help="not smtp-source")
     args = ap.parse_args()
     if not os.path.exists(SERVER):
@@ -247,6 +299,8 @@ def main():
             tls(args, root, env)
         elif args.pss:
             pss(args, env)
+        elif args.metrics:
+            metrics(args, env, None if args.own_client else smtp_source())
         else:
             sessions(args, root, env, None if args.own_client else smtp_source())
     finally:

@@ -12,14 +12,16 @@ the mix, timed 5 times; the best time counts.
 
 Then the real thing, as root: the installed plugin preloaded in the pool
 (`serve` running its sessions as nobody, so that the script qualifies; the
-pool's log must say "preloaded"), over the same installation made readable
+pool's log must say "preloaded"; it runs in the worker, without a fork, as
+its RUN_IN_PROCESS asks), over the same installation made readable
 for nobody.  Two pools, one with rcptcheck in [rcpt] and one without
 plugins, take sessions of 10 RCPTs (the local kinds of the mix, 3 of them
 refused with 550 by the plugin, which is checked) in turn, round after
 round; a call costs the difference in wall time (and in the pools' CPU)
 divided by the calls, as bench/sample_plugins.py measures the others.  A
 third pool with ifauthnext (which prints nothing for these sessions) is
-the yardstick: what any preloaded call costs (the fork, the child's set-up).
+the yardstick: what any preloaded call costs (the runner's set-up and
+clean-up around the script).
 The issue's target is 5 ms per call.
 
 The last line is the comparable figure: milliseconds per resolution.
@@ -160,7 +162,7 @@ def pool_ms(root, env, script):
                                          log=log, options=("-u", "65534", "-g", "65534",
                                                            "--min-spare", "2"))
         with open(os.path.join(os.fsdecode(root), "pool-with.log"), "rb") as f:
-            if b"serve: preloaded " + os.fsencode(script) not in f.read():
+            if b"serve: preloaded %s (" % os.fsencode(script) not in f.read():
                 sys.exit("rcptcheck was not preloaded in the pool: see its log")
         for name, (_, port) in servers.items():
             sessions(port, 5, data, refused if name == "with" else 0)  # warm up

@@ -1,13 +1,16 @@
 """What each sample plugin costs per call: exec'd, and preloaded in the pool.
 
     .venv/bin/python bench/sample_plugins.py [--calls N] [--rounds R] [--exec-only]
+                                             [--parts exec,pool,connection,chain]
 
 1. Exec'd, as tcpserver's sessions run them: every installed sample plugin started N
    times (default 50) with the environment of a typical call in its section, stdin
    closed and stdout on a pipe; the median wall time.  `python -I -c pass` is the
    floor every exec'd Python plugin pays.
 2. In the pool (`serve`, running the sessions as nobody, so that the plugins qualify for
-   preloading; this needs root): a pool per plugin with that plugin in [rcpt], and one
+   preloading; this needs root): the sample plugins run in the worker (they say
+   RUN_IN_PROCESS), a copy without that line is forked per call; a pool per plugin
+   with that plugin in [rcpt], and one
    without plugins; sessions with 10 RCPTs each, one client at a time, the pools taken
    in turn round after round.  A call costs the difference to the pool without plugins,
    divided by the calls: wall time and server CPU (the pool's whole process tree).  A
@@ -108,6 +111,18 @@ def pool_home(root):
     return home, queue, sh
 
 
+def forked_copy(root, name):
+    """The installed sample plugin without its RUN_IN_PROCESS line: preloaded, each
+    call is a fork (the way before in-process calls, and for scripts not marked)."""
+    with open(os.path.join(BIN, name)) as f:
+        text = f.read().replace("\nRUN_IN_PROCESS = True\n", "\n")
+    path = os.path.join(root, name + "-forked")
+    with open(path, "w") as f:
+        f.write(text)
+    os.chmod(path, 0o755)
+    return path
+
+
 def session_bytes(rcpts):
     return (b"HELO client.example\r\nMAIL FROM:<a@example.com>\r\n"
             + b"".join(b"RCPT TO:<u%d@example.com>\r\n" % i for i in range(rcpts))
@@ -134,16 +149,22 @@ def start_pool(home, queue, env, sections):
                         options=("-u", "65534", "-g", "65534", "--min-spare", "2"))
 
 
-def pool_costs(args, root, dns):
+def pool_costs(args, root, dns, measure=True):
+    """The per-call costs in the pool (measure False: only the home and environment
+    the other parts use)."""
     home, queue, sh = pool_home(root)
     env = {"PATH": "/usr/bin:/bin", "DNSCACHEIP": dns.cacheip, "GREYLIST_DELAY": "0",
            "RBL_ZONES": "zen.test"}
+    if not measure:
+        return home, queue, env
     cases = [("no plugin", None), ("/bin/sh script", sh),
              ("ifauthnext", os.path.join(BIN, "ifauthnext")),
+             ("ifauthnext, forked", forked_copy(root, "ifauthnext")),
              ("tarpit (under the count)", os.path.join(BIN, "tarpit")),
              ("mfdnscheck (MX found)", os.path.join(BIN, "mfdnscheck")),
              ("rbl (not listed)", os.path.join(BIN, "rbl")),
-             ("greylist (known triplet)", os.path.join(BIN, "greylist"))]
+             ("greylist (known triplet)", os.path.join(BIN, "greylist")),
+             ("greylist, forked", forked_copy(root, "greylist"))]
     servers = {}
     try:
         for name, plugin in cases:
@@ -257,23 +278,29 @@ def main():
     ap.add_argument("--calls", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--exec-only", action="store_true")
+    ap.add_argument("--parts", default="exec,pool,connection,chain",
+                    help="which of the parts to run (comma-separated)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
     if not os.path.exists(os.path.join(BIN, "tarpit")):
         sys.exit("the sample plugins are not installed next to %s: run `make bench`" % SERVER)
     root = tempfile.mkdtemp(prefix="bench-plugins-")
     os.chmod(root, 0o755)
     try:
         with DNSServer(RECORDS) as dns:
-            exec_costs(args, root, dns)
+            if "exec" in parts:
+                exec_costs(args, root, dns)
             if args.exec_only:
                 return
             if os.geteuid() != 0:
                 print("sample_plugins: the pool part needs root (its sessions run as nobody, "
                       "so that the plugins qualify for preloading)")
                 return
-            home, queue, env = pool_costs(args, root, dns)
-            per_connection(args, home, queue, env)
-            chain(args, home, queue, env)
+            home, queue, env = pool_costs(args, root, dns, "pool" in parts)
+            if "connection" in parts:
+                per_connection(args, home, queue, env)
+            if "chain" in parts:
+                chain(args, home, queue, env)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -16,6 +16,8 @@ Invariants checked after every session:
     steps, and raises nothing;
   * the output is a sequence of CRLF-terminated lines, each a valid SMTP reply line
     (3 digits then space or '-'), except lines that a plugin printed verbatim;
+  * every close, refuse and accept log line carries the fact (requests.Closed,
+    Refused, Accepted) that its text states, and only those lines carry one;
   * nothing is queued without a final `250 ok <time> qp <pid>` right after it, and
     every such reply belongs to a queued message; queued envelopes are well formed;
   * the same input cut into other random chunks gives the same output, messages and
@@ -45,7 +47,7 @@ from qmail_smtpd_py.core.auth import parse_mode  # noqa: E402
 from qmail_smtpd_py.core.config import Config  # noqa: E402
 from qmail_smtpd_py.core.session import Session  # noqa: E402
 
-from world import BASE_ENV, FIXED_TIME, QP, World  # noqa: E402
+from world import BASE_ENV, FIXED_TIME, QP, World, fact_of  # noqa: E402
 
 ACCEPT = b"250 ok %d qp %d" % (int(FIXED_TIME), QP)
 RE_REPLY = re.compile(rb"\A[0-9]{3}[ -]")
@@ -280,8 +282,15 @@ class RandomWorld(World):
     def write_log(self, request):
         # One event, one line of printable text: client bytes are escaped.
         text = request.text
+        if text is None:  # SMTPLOGLEVEL 0: the facts of events still come, alone
+            if request.fact is None:
+                raise Failure("a Log request with neither text nor fact")
+            return
         if not text.isprintable() or not text.isascii():
             raise Failure("log line not one printable line: %r" % text)
+        # The metrics count the facts: each must say what its line says.
+        if request.fact != fact_of(text):
+            raise Failure("fact %r for the line %r" % (request.fact, text))
 
     def sleep(self, request):
         pass

@@ -294,6 +294,38 @@ class QueueProcess:
 # ------------------------------------------------------------------ qmail-spp plugins
 
 
+class LineSplitter:
+    """A plugin's output cut into lines (each with its LF), as it arrives;
+    a line over MAX_LINE is acted on by its start, the rest of it dropped."""
+
+    def __init__(self):
+        self.pending = b""
+        self.skipping = False  # dropping the rest of an over-long line
+
+    def feed(self, data):
+        """The lines completed by data."""
+        if self.skipping:
+            lf = data.find(b"\n")
+            if lf < 0:
+                return []
+            self.skipping = False
+            data = data[lf + 1:]
+        data = self.pending + data
+        end = data.rfind(b"\n") + 1
+        self.pending = data[end:]
+        lines = [line[:MAX_LINE] + b"\n" for line in data[:end - 1].split(b"\n")] if end else []
+        if len(self.pending) > MAX_LINE:  # an endless line: act on its start, drop the rest
+            lines.append(self.pending[:MAX_LINE] + b"\n")
+            self.pending = b""
+            self.skipping = True
+        return lines
+
+    def rest(self):
+        """[the unterminated rest] at the end of the output, or []."""
+        rest, self.pending = self.pending, b""
+        return [rest] if rest else []
+
+
 class PluginProcess:
     """A running qmail-spp plugin, as qmail-spp runs one: stdin closed, stdout
     a pipe read line by line, stderr inherited (the plugin's log).  An
@@ -303,18 +335,23 @@ class PluginProcess:
         self.pid = pid
         self.out = out
         self.deadline = None if time_limit is None else time.monotonic() + time_limit
-        self.pending = b""
-        self.skipping = False  # dropping the rest of an over-long line
+        self.lines = LineSplitter()
         self.killed = False
 
     @classmethod
     def start(cls, argv, env, time_limit):
         """(PluginProcess or None, Started or CannotStart)."""
+        script = _preloaded(argv[0], env) if len(argv) == 1 else None
+        if script is not None and script.in_process:
+            from . import preload
+            try:
+                return preload.call_in_process(script, argv, env, time_limit), Started(os.getpid())
+            except OSError as e:  # no descriptor for its output, or for what it borrows
+                return None, CannotStart(PIPE, e.strerror)
         try:
             out, child_out = os.pipe()
         except OSError as e:
             return None, CannotStart(PIPE, e.strerror)
-        script = _preloaded(argv[0], env) if len(argv) == 1 else None
         try:
             if script is not None:
                 from . import preload
@@ -346,22 +383,9 @@ class PluginProcess:
                     return TIMED_OUT
             data = os.read(self.out, READ_SIZE)
             if not data:
-                rest, self.pending = self.pending, b""
-                return Lines([rest]) if rest else END_OF_INPUT
-            if self.skipping:
-                lf = data.find(b"\n")
-                if lf < 0:
-                    continue
-                self.skipping = False
-                data = data[lf + 1:]
-            data = self.pending + data
-            end = data.rfind(b"\n") + 1
-            self.pending = data[end:]
-            lines = [line[:MAX_LINE] + b"\n" for line in data[:end - 1].split(b"\n")] if end else []
-            if len(self.pending) > MAX_LINE:  # an endless line: act on its start, drop the rest
-                lines.append(self.pending[:MAX_LINE] + b"\n")
-                self.pending = b""
-                self.skipping = True
+                rest = self.lines.rest()
+                return Lines(rest) if rest else END_OF_INPUT
+            lines = self.lines.feed(data)
             if lines:
                 return Lines(lines)
 

@@ -168,7 +168,8 @@ class Driver:
             return rq.Failed(str(e))
 
     def write_log(self, request):
-        self.log(request.text)
+        if request.text is not None:  # None: a fact only, at this SMTPLOGLEVEL
+            self.log(request.text)
 
     def sleep(self, request):
         time.sleep(request.seconds)
@@ -234,13 +235,14 @@ class Driver:
 
 
 def run_connection(args=(), qmail_home=None, environ=None, connection_id=None, infd=0,
-                   outfd=1, prepare_plugins=False):
+                   outfd=1, prepare_plugins=False, driver=Driver):
     """Serve the SMTP connection on infd/outfd (fd 0/1 the tcpserver way; a
     socket in the resident mode); returns the exit status.  connection_id
     starts each log line and makes the CRAM-MD5 challenge unique (default:
     the pid, as qmail-smtpd).  prepare_plugins: a process for this one
     connection prepares its Python plugins at their first call (children.py)
-    unless NOPRELOAD is set."""
+    unless NOPRELOAD is set.  driver: the Driver class (the pool's
+    metrics.MeteredDriver counts what it does)."""
     reset_signals()
     if environ is None:
         environ = started_environment(os.environb)
@@ -258,10 +260,10 @@ def run_connection(args=(), qmail_home=None, environ=None, connection_id=None, i
         os.chdir(qmail_home)
         config, morercpthosts = load(env, args)
     except (OSError, ControlError) as e:
-        return Driver(1200, prefix, infd, outfd).run(cannot_start(str(e)))
+        return driver(1200, prefix, infd, outfd).run(cannot_start(str(e)))
     session = Session(config, env, connection_id.encode())
     try:
-        return Driver(config.timeout, prefix, infd, outfd, morercpthosts).run(session.run())
+        return driver(config.timeout, prefix, infd, outfd, morercpthosts).run(session.run())
     finally:
         if morercpthosts is not None:
             os.close(morercpthosts.fd)

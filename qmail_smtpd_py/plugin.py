@@ -35,7 +35,16 @@ codes, so a plugin that crashes with a traceback lets the command through.
 Only os and sys are imported: an exec'd plugin run is a new interpreter,
 and what a plugin imports at its top is what a preloaded run saves
 (preload.py: the pool, and a per-connection server, run a script for
-their own interpreter as a fork instead of an exec).
+their own interpreter as a fork instead of an exec).  A script whose top
+level says
+
+    RUN_IN_PROCESS = True
+
+is run without even the fork, inside the server's process: its globals are
+new at each call, the modules it imports stay loaded, and it must change
+nothing of the process for good (no os._exit, threads, signal handlers,
+atexit, patched modules).  Every sample plugin says so.  What should
+outlive a call (a database connection) is kept with kept().
 """
 
 import os
@@ -145,6 +154,21 @@ def server_pid():
             pass
         _server_pid = (os.getpid(), pid)
     return _server_pid[1]
+
+
+_kept = {}  # key -> (the pid that made it, value)
+
+
+def kept(key, make):
+    """make(), once per process: for what is worth keeping from one call to
+    the next of a plugin run in process (a database connection), where its
+    globals do not last.  Exec'd, a plugin has one call, so this is just
+    make().  A forked process makes its own (what a parent made is not
+    shared with a child)."""
+    entry = _kept.get(key)
+    if entry is None or entry[0] != os.getpid():
+        entry = _kept[key] = (os.getpid(), make())
+    return entry[1]
 
 
 def control_lines(name):

@@ -25,7 +25,8 @@ any of them).
 With --preloaded the session runs as a pool worker runs it (serve): the
 plugin, when it qualifies (preload.py, checked for --user), is prepared in
 this process and each call is a fork of the server process instead of an
-exec; the notes say whether it was preloaded, and why not.  --both runs
+exec (or runs in the server process itself, when the script says
+RUN_IN_PROCESS = True); the notes say whether it was preloaded, and why not.  --both runs
 the session exec'd, then preloaded, and ends with the reply times of both
 (from the end of a command line to the end of its reply, so a plugin's
 call is inside the time of the command it runs at).
@@ -588,7 +589,8 @@ def run_session(child, lines, queue_dir, times):
                                                    "(default 30)")
 @click.option("--preloaded", is_flag=True,
               help="run the session as serve's workers do: the plugin preloaded when it "
-                   "qualifies (the notes say), each call a fork")
+                   "qualifies (the notes say), each call a fork, or in the server's "
+                   "process when the script says RUN_IN_PROCESS")
 @click.option("--both", is_flag=True,
               help="run the session exec'd, then preloaded, and compare the reply times")
 @click.option("--user", metavar="USER",

@@ -86,8 +86,23 @@ class Options:
     max_spare: int = 16               # --max-spare: idle workers kept at most
     dns_timeout: float = 3.0          # --dns-timeout: seconds for a name lookup
     fork: bool = False                # --fork: one process per connection, no pool
+    metrics: tuple | None = None      # --metrics: (host, port) of the Prometheus endpoint
     qmail_home: bytes | None = None
     args: tuple = ()                  # the checkpassword command line
+
+
+def _metrics_address(ctx, param, value):
+    if value is None:
+        return None
+    import importlib.util
+
+    from .metrics import parse_address  # only with --metrics
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise click.BadParameter("needs prometheus_client: pip install 'qmail-smtpd-py[metrics]'")
+    try:
+        return parse_address(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _positive(ctx, param, value):
@@ -136,6 +151,8 @@ def _positive(ctx, param, value):
               help="time limit of each DNS look-up (-h, -p, no -l)")
 @click.option("--fork", is_flag=True,
               help="no pool: fork one process per connection after accepting it")
+@click.option("--metrics", metavar="HOST:PORT", callback=_metrics_address,
+              help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
 @click.option("--qmail-home", metavar="DIR", help="qmail home (default $QMAILHOME or /var/qmail)")
 @click.argument("words", nargs=-1, type=click.UNPROCESSED, metavar="HOST PORT [CHECKPASSWORD...]")
 def command(words, from_env, ident, qmail_home, **given):
@@ -385,21 +402,42 @@ class Pool:
         self.umask = 0o022
         self.pending = b""       # a status message not complete yet
         self.busy = 0
+        self.metrics = None      # metrics.Metrics with --metrics
+        self.driver = driver.Driver
 
     # ------------------------------------------------------------ start
 
     def run(self):
         """Serve until SIGTERM, then wait for the running sessions; returns 0
         (111 when the pool cannot start)."""
-        options = self.options
         try:
             self._open()
         except OSError as e:
             self.log("serve: unable to bind: %s" % e)
             return 111
         try:
+            return self._serve()
+        finally:
+            if self.metrics is not None:  # not reached by a SIGHUP re-exec: kept for it
+                self.metrics.close()
+
+    def _serve(self):
+        options = self.options
+        if options.metrics is not None:
+            from . import metrics
+            self.metrics = metrics.Metrics(options.metrics, self.log, self._gauges)
+            try:
+                self.metrics.open()
+            except OSError as e:
+                self.log("serve: unable to bind the metrics address %s:%d: %s"
+                         % (*options.metrics, e))
+                return 111
+            self.driver = metrics.MeteredDriver
+        try:
             self._prepare()
             self._drop_privileges()
+            if self.metrics is not None:
+                self.metrics.start()
         except (OSError, SystemExit) as e:
             self.log("serve: %s" % (e.code if isinstance(e, SystemExit) else e))
             return 111
@@ -407,6 +445,9 @@ class Pool:
             self.log("serve: refusing to run sessions as root: give -u UID -g GID (or -U "
                      "under envuidgid), or --root where users cannot be switched")
             return 111
+        if self.metrics is not None and options.verbose:
+            self.log("serve: metrics on %s (files in %s)" % (self.metrics.where(),
+                                                             self.metrics.directory))
         # What is imported now is shared with every worker: keep the collector
         # from walking (and so copying) those pages in each of them.
         gc.freeze()
@@ -470,6 +511,8 @@ class Pool:
                 self.names = Names(options.dns_timeout, options.paranoid)
                 self.names.prepare()
         self.base_env = dict(driver.started_environment(os.environb))
+        if self.metrics is not None:  # before _preload, which may import a plugin's modules
+            self.metrics.prepare(self.options.uid, self.options.gid)
         control.kept = {}  # each worker keeps the control files it read
         self._preload()
         self.umask = os.umask(0o022)
@@ -542,7 +585,7 @@ class Pool:
                 self._retire(list(self.workers))
             else:
                 self._maintain()
-            ready, _, _ = select.select([self.wake_r, self.status_r], [], [], 1.0)
+            ready = self._wait([self.wake_r, self.status_r])
             if self.wake_r in ready:
                 _drain(self.wake_r)
             if self.status_r in ready:
@@ -552,6 +595,21 @@ class Pool:
                 self.reload_asked = False
                 self._reload_code()
         self.listener.close()
+
+    def _wait(self, watched):
+        """select() on watched (and the metrics endpoint's sockets, which are
+        served here: see metrics.py); what is ready of watched."""
+        if self.metrics is None:
+            return select.select(watched, [], [], 1.0)[0]
+        scrapes = self.metrics.readers()
+        ready, writable, _ = select.select(watched + scrapes, self.metrics.writers(), [], 1.0)
+        self.metrics.handle(ready, writable)
+        return ready
+
+    def _gauges(self):
+        """(busy, idle, -c, the listening socket) for a scrape."""
+        board = self.scoreboard
+        return board.count(BUSY), board.count(IDLE), self.options.max_connections, self.listener
 
     def _maintain(self):
         """Keep min-spare idle workers, up to -c workers in all; let extra idle
@@ -578,6 +636,8 @@ class Pool:
         if pid == 0:
             Worker(self, slot).run()  # never returns
         self.workers[pid] = WorkerRecord(slot)
+        if self.metrics is not None:
+            self.metrics.worker_started()
         return True
 
     def _fork(self):
@@ -654,8 +714,12 @@ class Pool:
                 self.log("serve: end %s status %d (worker %d died in its session)"
                          % (worker.connection or pid, status, pid))
                 self._status()
+                if self.metrics is not None:
+                    self.metrics.worker_died_in_session(status)
             elif status != 0:
                 self.log("serve: worker %d ended with status %d" % (pid, status))
+            if self.metrics is not None:
+                self.metrics.worker_gone(pid)
 
     # ------------------------------------------------------------ SIGHUP
 
@@ -682,6 +746,8 @@ class Pool:
         for fd in fds:
             os.set_inheritable(fd, True)
         env = _environ(self.base_env)
+        if self.metrics is not None:
+            env.update(self.metrics.keep())
         env[INHERIT] = "%s;%s" % (",".join(map(str, fds)), ",".join(
             "%d:%d" % (pid, w.slot) for pid, w in self.workers.items()))
         signal.set_wakeup_fd(-1)
@@ -697,7 +763,7 @@ class Pool:
             watched = [self.wake_r, self.status_r]
             if not self.stopping and len(self.workers) < self.options.max_connections:
                 watched.append(self.listener)
-            ready, _, _ = select.select(watched, [], [], 1.0)
+            ready = self._wait(watched)
             if self.wake_r in ready:
                 _drain(self.wake_r)
             if self.status_r in ready:
@@ -730,6 +796,8 @@ class Pool:
             os._exit(0)
         conn.close()
         self.workers[pid] = WorkerRecord(slot)
+        if self.metrics is not None:
+            self.metrics.worker_started()
 
 
 def _environ(env):
@@ -765,6 +833,8 @@ class Worker:
         signal.set_wakeup_fd(-1)
         for fd in (pool.wake_r, pool.wake_w, pool.status_r):
             os.close(fd)
+        if pool.metrics is not None:
+            pool.metrics.in_worker()
         for signo in (signal.SIGCHLD, signal.SIGINT, signal.SIGHUP):
             signal.signal(signo, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, self._term)
@@ -828,14 +898,20 @@ class Worker:
                     pool.log("serve: unable to read %s: %s" % (options.rules, e))
                     return
                 if rule is not None and rule[0]:
+                    if pool.metrics is not None:
+                        pool.metrics.connection_refused("deny")
                     self._report("D %s %s" % (connection_id, word(ip)))
                     code = 100 << 8
                     return
             if not pool.scoreboard.claim(self.slot, self.pid, ip, options.per_ip):
+                if pool.metrics is not None:
+                    pool.metrics.connection_refused("per-ip")
                 self._report("L %s %s" % (connection_id, word(ip)))
                 _send_quietly(conn, replies.TOO_MANY_FROM_ADDRESS)
                 code = 0
                 return
+            if pool.metrics is not None and pool.scoreboard.count(BUSY) >= options.max_connections:
+                pool.metrics.max_connections_reached()
             if options.verbose:
                 self._report("B %d %d %s %s" % (self.pid, self.slot, connection_id, word(ip)))
             elif (pool.scoreboard.count(IDLE) < options.min_spare
@@ -845,7 +921,8 @@ class Worker:
             os.umask(pool.umask)
             fd = conn.fileno()
             code = driver.run_connection(options.args, options.qmail_home, env,
-                                         connection_id=connection_id, infd=fd, outfd=fd) << 8
+                                         connection_id=connection_id, infd=fd, outfd=fd,
+                                         driver=pool.driver) << 8
         except Exception as e:  # a bug: one log line, never the worker
             pool.log("serve: %s: %s: %s" % (connection_id, type(e).__name__, e))
         finally:

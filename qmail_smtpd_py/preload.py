@@ -26,6 +26,17 @@ script changed since it was prepared, or a session whose environment sets
 PYTHON* variables the pool's does not, runs the old way too.  NOPRELOAD
 set (even empty) in the pool's environment turns all of it off.
 
+A qmail-spp plugin script that says so at its top level (the line
+`RUN_IN_PROCESS = True`, as every sample plugin does) skips even the fork:
+the worker runs it in its own process, set up and put back around the call
+(call_in_process), its time limit a SIGALRM.  That is a promise of the
+script's: it changes nothing of the process for good (no os._exit, threads,
+signal handlers it relies on, atexit, monkey-patched modules) and keeps no
+session's data where the next call would find it (its globals are new at
+each call; modules it imports stay).  What the server can check, it does: a
+script that starts a thread, or that its time limit stopped, runs forked
+from then on.
+
 State a fork copies is handled: the parent prepares scripts, it never runs
 them, so no connection or socket of theirs exists before the child makes
 it; the child closes every descriptor it does not own, drops the parent's
@@ -42,8 +53,11 @@ import signal
 import stat
 import sys
 import types
+from _thread import _count as _threads_started
 
 from . import children
+from .core.requests import END_OF_INPUT, TIMED_OUT, Exited, Lines
+from .driver import log
 
 PYTHON_NAMES = ("python", "python3", "python%d.%d" % sys.version_info[:2])
 # Signals a preloaded child must find at their defaults (those the pool and the
@@ -55,14 +69,15 @@ class Script:
     """A prepared Python script.  (A slotted class, not attrs: under
     tcpserver this module is on the per-connection path.)"""
 
-    __slots__ = ("path", "code", "directory", "identity", "modules")
+    __slots__ = ("path", "code", "directory", "identity", "modules", "in_process")
 
-    def __init__(self, path, code, directory, identity, modules):
+    def __init__(self, path, code, directory, identity, modules, in_process=False):
         self.path = path            # absolute, as it is run
         self.code = code            # types.CodeType
         self.directory = directory  # sys.path[0] of the script: its directory, symlinks resolved
         self.identity = identity    # the file when it was prepared (device, inode, size, mtime)
         self.modules = modules      # modules its imports brought into the parent
+        self.in_process = in_process  # it says RUN_IN_PROCESS = True (see call_in_process)
 
     def current(self):
         """True while the file is the one that was prepared."""
@@ -92,7 +107,8 @@ def prepare(paths, uid, gid, log):
             log("serve: not preloaded: %s: %s" % (path, e))
             continue
         scripts[path] = script
-        log("serve: preloaded %s (%d modules imported)" % (path, script.modules))
+        log("serve: preloaded %s (%d modules imported%s)"
+            % (path, script.modules, ", runs in process" if script.in_process else ""))
     return scripts
 
 
@@ -134,7 +150,8 @@ def examine(path, uid, gid):
         module_file = getattr(sys.modules[name], "__file__", None)
         if module_file:
             _not_writable(module_file, uid, gid, "module %s" % name)
-    return Script(path, code, os.path.dirname(os.path.realpath(path)), _identity(st), len(new))
+    return Script(path, code, os.path.dirname(os.path.realpath(path)), _identity(st), len(new),
+                  _says_in_process(tree))
 
 
 def _this_interpreter(interpreter):
@@ -160,6 +177,14 @@ def _not_writable(path, uid, gid, what):
                 or st.st_uid == uid and st.st_mode & 0o200):
             raise NotPreloaded("%s is writable by the sessions' user (%s)"
                                % (what, os.fsdecode(target)))
+
+
+def _says_in_process(tree):
+    """The script's own top level assigns RUN_IN_PROCESS = True."""
+    return any(isinstance(node, ast.Assign) and node.value.__class__ is ast.Constant
+               and node.value.value is True
+               and any(isinstance(t, ast.Name) and t.id == "RUN_IN_PROCESS" for t in node.targets)
+               for node in tree.body)
 
 
 def _top_level_imports(tree):
@@ -302,6 +327,170 @@ def _flushed(status):
     except Exception:  # noqa: BLE001
         pass
     return status
+
+
+# ------------------------------------------------------------------ in process
+
+# What a call in this process saves and puts back (besides the environment,
+# the descriptors 0 and 1, the working directory and the sys attributes).
+KEPT_SIGNALS = (*HANDLED, signal.SIGALRM, signal.SIGPIPE)
+
+
+class TimeLimit(BaseException):
+    """An in-process call's time is up (not an Exception: a plugin's own
+    `except Exception` does not stop it)."""
+
+
+_armed = False  # SIGALRM raises TimeLimit only while a call runs
+
+
+def _time_is_up(signo, frame):
+    if _armed:
+        raise TimeLimit()
+
+
+class Finished:
+    """An in-process call that has run, read as a PluginProcess is."""
+
+    __slots__ = ("lines", "outcome")
+
+    def __init__(self, lines, outcome):
+        self.lines = lines
+        self.outcome = outcome
+
+    def read_lines(self):
+        lines, self.lines = self.lines, None
+        if lines:
+            return Lines(lines)
+        return TIMED_OUT if self.outcome is TIMED_OUT else END_OF_INPUT
+
+    def finish(self):
+        return self.outcome
+
+
+def call_in_process(script, argv, env, time_limit):
+    """Run a qmail-spp plugin script that says RUN_IN_PROCESS = True here,
+    without a fork: what exec would give it is set up for the call and put
+    back after it (the environment, argv, sys.path[0], a fresh __main__, fd 0
+    /dev/null, fd 1 a memory file that is then read as the plugin's output,
+    new sys streams, the working directory, the umask, signal handlers).  The
+    time limit is a SIGALRM that raises TimeLimit in the script.  Modules
+    stay imported between calls (what makes a call cheap); a script that
+    starts a thread, or that its time limit cut short (it may have left a
+    module half-way), runs forked from then on in this process.  Returns a
+    Finished."""
+    output = os.memfd_create("plugin-output", os.MFD_CLOEXEC)
+    try:
+        status = _call(script, argv, env, output, time_limit)
+        os.lseek(output, 0, os.SEEK_SET)
+        chunks = []
+        while chunk := os.read(output, 1 << 20):
+            chunks.append(chunk)
+    finally:
+        os.close(output)
+    splitter = children.LineSplitter()
+    lines = splitter.feed(b"".join(chunks)) + splitter.rest()
+    return Finished(lines, TIMED_OUT if status is None else Exited(status))
+
+
+def _call(script, argv, env, output, time_limit):
+    """The status of one call (None: cut by its time limit)."""
+    threads = _threads_started()
+    saved_fds = os.dup(0), os.dup(1)
+    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # O_PATH: no read right needed
+    umask = os.umask(0o22)
+    environ = dict(os.environb)
+    handlers = [(signo, signal.getsignal(signo)) for signo in KEPT_SIGNALS]
+    streams = sys.stdin, sys.stdout, sys.stderr
+    argv_before, path0, main_before = sys.argv, sys.path[0], sys.modules.get("__main__")
+    main = types.ModuleType("__main__")
+    new_streams = ()
+    try:
+        os.umask(umask)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.dup2(output, 1)
+        _set_environ(environ, env)
+        sys.argv = [os.fsdecode(a) for a in argv]
+        sys.path[0] = script.directory
+        new_streams = (_stream(1, "w", "surrogateescape"), _stream(2, "w", "backslashreplace"))
+        sys.stdin = sys.__stdin__ = None  # as for an exec'd plugin, whose fd 0 is closed
+        sys.stdout = sys.__stdout__ = new_streams[0]
+        sys.stderr = sys.__stderr__ = new_streams[1]
+        main.__dict__.update(__file__=script.path, __builtins__=builtins, __cached__=None)
+        sys.modules["__main__"] = main
+        kit = sys.modules.get("qmail_smtpd_py.plugin")
+        if kit is not None:
+            kit._server_pid = (os.getpid(), os.getpid())  # this process is the server
+        signal.signal(signal.SIGALRM, _time_is_up)
+        status = _exec_limited(script.code, main.__dict__, time_limit)
+        flushed = _flushed(0 if status is None else status)
+        status = None if status is None else flushed
+    finally:
+        for stream in new_streams:  # closefd=False: marks them closed, no late flush into fd 1
+            try:
+                stream.close()
+            except Exception:  # noqa: BLE001
+                pass
+        main.__dict__.clear()  # the script's globals go now, not at some garbage collection
+        sys.modules["__main__"] = main_before
+        sys.argv, sys.path[0] = argv_before, path0
+        sys.stdin, sys.stdout, sys.stderr = streams
+        sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams
+        for signo, handler in handlers:
+            if handler is not None:
+                signal.signal(signo, handler)
+        _set_environ(dict(os.environb), environ)  # as the script left it
+        os.umask(umask)
+        os.fchdir(cwd)
+        os.close(cwd)
+        for fd, saved in enumerate(saved_fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+    if status is None or _threads_started() != threads:
+        script.in_process = False
+        log("preload: %s %s: it runs forked from now on"
+            % (script.path, "started a thread" if status is not None
+               else "was stopped at its time limit"))
+    return status
+
+
+def _set_environ(now, new):
+    """os.environ, which holds now (a dict), becomes new, changing only what
+    differs: a session's environment is mostly the server's, and a clear and
+    refill would cost more than the call of a simple plugin."""
+    environb = os.environb
+    for name in now.keys() - new.keys():
+        del environb[name]
+    for name, value in new.items():
+        if now.get(name) != value:
+            environb[name] = value
+
+
+def _exec_limited(code, namespace, time_limit):
+    """Run code; its exit status as the interpreter would give it, or None
+    when its time limit stopped it."""
+    global _armed
+    try:
+        try:
+            if time_limit:
+                _armed = True
+                # again every 0.1 s: a script that catches BaseException is stopped still
+                signal.setitimer(signal.ITIMER_REAL, time_limit, 0.1)
+            exec(code, namespace)
+        finally:
+            _armed = False  # a TimeLimit raised before this line is caught below
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        return 0
+    except TimeLimit:
+        return None
+    except SystemExit as e:
+        return _exit_status(e.code)
+    except BaseException as e:
+        e = e.with_traceback(e.__traceback__.tb_next)
+        sys.excepthook(type(e), e, e.__traceback__)
+        return 1
 
 
 def usable(script, env, base_env):

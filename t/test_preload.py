@@ -7,12 +7,16 @@ qmail-queue (headers, environment), the plugins' log lines and exit handling mus
 be the same; adversarial scripts cover what a fork could change (output without a
 final newline, megabytes, stdin, exit statuses, exceptions, signals, os.environ,
 grandchildren, time limits, failing imports, random state, atexit).  Then the
-qualification rules, and the pool doing it for real.
+qualification rules, and the pool doing it for real.  A script that says
+RUN_IN_PROCESS = True runs a third way, inside this process: the sample plugins
+(all say so) are compared all three ways, and what an in-process call borrows
+from the server is checked to be put back.
 """
 
 import atexit
 import os
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -28,6 +32,8 @@ from helpers import SERVER, free_port
 from world import BASE_ENV
 
 MODES = ["exec", "preloaded"]
+THREE_WAYS = ["exec", "forked", "in-process"]  # preloaded: forked, or in this process
+IN_PROCESS = "RUN_IN_PROCESS = True\n"  # the line that lets a script run in this process
 PYTHON = sys.executable
 ENV = {**BASE_ENV, b"PATH": b"/usr/bin:/bin"}
 MESSAGE = (b"HELO client.test\r\nMAIL FROM:<a@b.c>\r\nRCPT TO:<u@example.com>\r\n"
@@ -55,8 +61,13 @@ def play(mode, home, sections, data=MESSAGE, env=None, cfg=None, programs=(), ba
     os.chdir(home)
     try:
         w = PluginWorld(data, **world)
-        if mode == "preloaded":
-            with preloaded(*paths, base_env=env if base_env is None else base_env):
+        if mode != "exec":
+            with preloaded(*paths, base_env=env if base_env is None else base_env) as scripts:
+                for script in scripts.values():
+                    if mode == "forked":
+                        script.in_process = False
+                    elif mode == "in-process":
+                        assert script.in_process, script.path
                 w.play(Session(cfg, env, b"77").run())
         else:
             w.play(Session(cfg, env, b"77").run())
@@ -65,20 +76,26 @@ def play(mode, home, sections, data=MESSAGE, env=None, cfg=None, programs=(), ba
     return w
 
 
-def same_both_ways(tmp_path, capfd, sections, **kw):
-    """Play the session both ways; assert equal records; return the exec'd world."""
+def same_both_ways(tmp_path, capfd, sections, modes=MODES, **kw):
+    """Play the session each way (exec'd first); assert equal records; return the
+    exec'd world and its log."""
     results = []
-    for mode in MODES:
+    for mode in modes:
         capfd.readouterr()
         w = play(mode, str(tmp_path), sections, **kw)
         err = capfd.readouterr().err
         results.append((w, re.sub(r"pid \d+", "pid N", err)))
-    (a, a_err), (b, b_err) = results
-    assert (b.out, b.exit) == (a.out, a.exit)
-    assert b.queued == a.queued
-    assert b.queue_envs == a.queue_envs
-    assert b_err == a_err
+    (a, a_err), *others = results
+    for mode, (b, b_err) in zip(modes[1:], others):
+        assert (b.out, b.exit) == (a.out, a.exit), mode
+        assert b.queued == a.queued, mode
+        assert b.queue_envs == a.queue_envs, mode
+        assert b_err == a_err, mode
     return a, a_err
+
+
+def same_three_ways(tmp_path, capfd, sections, **kw):
+    return same_both_ways(tmp_path, capfd, sections, modes=THREE_WAYS, **kw)
 
 
 # ------------------------------------------------------------------ adversarial scripts
@@ -276,6 +293,21 @@ def test_the_per_connection_server_prepares_python_plugins(make_home, env, forke
     assert message.message.count(b"X-Forked: " + forked + b"\n") == 2, message.message
 
 
+@pytest.mark.parametrize("env,stdout", [({}, b"/memfd:plugin-output"), ({"NOPRELOAD": ""}, b"pipe:")])
+def test_the_per_connection_server_runs_a_marked_plugin_in_process(make_home, env, stdout):
+    """The installed server over pipes: a script that says RUN_IN_PROCESS writes into
+    the server's memory file, not a pipe (NOPRELOAD: exec'd as ever)."""
+    from helpers import run_smtp
+    home = make_home()
+    write_script(home.path, "inproc", IN_PROCESS + "import os\n"
+                 "print('HX-Stdout: %s' % os.readlink('/proc/self/fd/1'))\n")
+    home.control("smtpplugins", "[rcpt]\ninproc\n")
+    res = run_smtp(MESSAGE, home=home, env=env)
+    assert res.status == 0 and b"250 ok" in res.out, res.out
+    (message,) = res.queued
+    assert message.message.count(b"X-Stdout: " + stdout) == 2, message.message
+
+
 def test_a_program_that_is_no_python_script_costs_no_import():
     """The #! line decides before preload.py (an import of some 15 ms) is loaded."""
     code = ("import sys\nfrom qmail_smtpd_py import children\n"
@@ -290,11 +322,13 @@ def test_a_program_that_is_no_python_script_costs_no_import():
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the pool drops to nobody: needs root")
-@pytest.mark.parametrize("off", [False, True])
-def test_the_pool_preloads_a_python_plugin(tcpservers, tmp_path, off):
+@pytest.mark.parametrize("mode", ["forked", "in-process", "off"])
+def test_the_pool_preloads_a_python_plugin(tcpservers, tmp_path, mode):
     """serve as nobody with a Python [rcpt] plugin: logged as preloaded, it runs
-    (the interpreter under /root is not readable by nobody, so exec'd it could not);
-    NOPRELOAD set: not preloaded, and the plugin cannot be exec'd as nobody."""
+    (the interpreter under /root is not readable by nobody, so exec'd it could not),
+    in the worker when it says RUN_IN_PROCESS; NOPRELOAD set: not preloaded, and the
+    plugin cannot be exec'd as nobody."""
+    off = mode == "off"
     import tempfile
     root = tempfile.mkdtemp(prefix="qsmtpd-preload-")
     os.chmod(root, 0o755)
@@ -303,7 +337,9 @@ def test_the_pool_preloads_a_python_plugin(tcpservers, tmp_path, off):
     with open(os.path.join(root, "control", "me"), "w") as f:
         f.write("mx.example.org\n")
     write_script(os.path.join(root, "plugins"), "hello",
-                          "import os\nprint('HX-Hello: uid %d' % os.getuid())\n")
+                 (IN_PROCESS if mode == "in-process" else "")
+                 + "import os\nprint('HX-Hello: uid %d, stdout %s'\n"
+                 "      % (os.getuid(), os.readlink('/proc/self/fd/1').split(':')[0]))\n")
     with open(os.path.join(root, "control", "smtpplugins"), "w") as f:
         f.write("[rcpt]\nplugins/hello\n")
     queue = os.path.join(root, "qmail-queue")
@@ -324,6 +360,7 @@ def test_the_pool_preloads_a_python_plugin(tcpservers, tmp_path, off):
         assert b"NOPRELOAD" in text and b"preloaded" not in text.replace(b"NOPRELOAD", b"")
     else:
         assert b"serve: preloaded %s/plugins/hello" % root.encode() in text
+        assert (b"runs in process" in text) == (mode == "in-process")
     reply = smtplib_local_session(port)
     if off:
         assert b"can't execute" in reply  # exec'd as nobody: the interpreter is unreadable
@@ -331,7 +368,8 @@ def test_the_pool_preloads_a_python_plugin(tcpservers, tmp_path, off):
         assert reply.startswith(b"250")
         (name,) = os.listdir(os.path.join(root, "queue"))
         with open(os.path.join(root, "queue", name), "rb") as f:
-            assert b"X-Hello: uid 65534\n" in f.read()
+            stdout = b"/memfd" if mode == "in-process" else b"pipe"
+            assert b"X-Hello: uid 65534, stdout %s\n" % stdout in f.read()
 
 
 def smtplib_local_session(port):
@@ -382,21 +420,21 @@ def dns():
         yield s
 
 
-def test_tarpit_ifauthnext_authlog_are_the_same_preloaded(tmp_path, capfd):
+def test_tarpit_ifauthnext_authlog_are_the_same_three_ways(tmp_path, capfd):
     sections = {"a": [sample("authlog")], "r": [sample("ifauthnext"), sample("tarpit")]}
     env = {**ENV, b"TARPITCOUNT": b"1", b"TARPITDELAY": b"0"}
-    w, err = same_both_ways(tmp_path, capfd, sections, data=AUTH_MESSAGE, env=env,
+    w, err = same_three_ways(tmp_path, capfd, sections, data=AUTH_MESSAGE, env=env,
                             cfg=auth_config(sections), checkpassword=lambda data: 0)
     assert "smtp-login: Login: <joe>, method=plain" in err
     assert len(w.queued) == 1
-    w, _ = same_both_ways(tmp_path, capfd, {"r": [sample("tarpit")]}, env=env)
+    w, _ = same_three_ways(tmp_path, capfd, {"r": [sample("tarpit")]}, env=env)
     assert len(w.queued) == 1
 
 
-def test_badhelo_is_the_same_preloaded(tmp_path, capfd):
+def test_badhelo_is_the_same_three_ways(tmp_path, capfd):
     os.mkdir(tmp_path / "control")
     (tmp_path / "control" / "badhelo").write_text(".spammers.test\n")
-    w, err = same_both_ways(tmp_path, capfd, {"h": [sample("badhelo")]},
+    w, err = same_three_ways(tmp_path, capfd, {"h": [sample("badhelo")]},
                             data=b"HELO mx.spammers.test\r\nQUIT\r\n")
     assert w.out.endswith(b"553 sorry, your HELO is forbidden (#5.7.1)\r\n")
     assert "refused HELO mx.spammers.test" in err
@@ -404,38 +442,38 @@ def test_badhelo_is_the_same_preloaded(tmp_path, capfd):
 
 @pytest.mark.parametrize("sender, reply", [(b"a@good.test", b"250 ok"),
                                            (b"a@nowhere.test", b"550 sorry, envelope sender")])
-def test_mfdnscheck_is_the_same_preloaded(tmp_path, capfd, dns, sender, reply):
+def test_mfdnscheck_is_the_same_three_ways(tmp_path, capfd, dns, sender, reply):
     env = {**ENV, b"DNSCACHEIP": dns.cacheip.encode(), b"DNSTIMEOUT": b"2"}
-    w, _ = same_both_ways(tmp_path, capfd, {"m": [sample("mfdnscheck")]}, env=env,
+    w, _ = same_three_ways(tmp_path, capfd, {"m": [sample("mfdnscheck")]}, env=env,
                           data=b"MAIL FROM:<" + sender + b">\r\nQUIT\r\n")
     assert w.out.split(b"\r\n")[1].startswith(reply)
 
 
-def test_rbl_is_the_same_preloaded(tmp_path, capfd, dns):
+def test_rbl_is_the_same_three_ways(tmp_path, capfd, dns):
     env = {**ENV, b"DNSCACHEIP": dns.cacheip.encode(), b"RBL_ZONES": b"zen.test"}
-    w, err = same_both_ways(tmp_path, capfd, {"m": [sample("rbl")]}, env=env,
+    w, err = same_three_ways(tmp_path, capfd, {"m": [sample("rbl")]}, env=env,
                             data=b"MAIL FROM:<a@good.test>\r\nQUIT\r\n")
     assert b"listed here" in w.out and "zen.test" in err
 
 
-def test_greylist_is_the_same_preloaded(tmp_path, capfd):
+def test_greylist_is_the_same_three_ways(tmp_path, capfd):
     results = []
-    for mode in MODES:  # each way with a database of its own, from scratch
+    for mode in THREE_WAYS:  # each way with a database of its own, from scratch
         db = tmp_path / ("greylist-%s.sqlite3" % mode)
         capfd.readouterr()
         w = play(mode, str(tmp_path), {"r": [sample("greylist")]},
                  env={**ENV, b"GREYLIST_DB": b"greylist.sqlite3"})
         os.rename(tmp_path / "greylist.sqlite3", db)
         results.append((w.out, re.sub(r"pid \d+", "pid N", capfd.readouterr().err)))
-    assert results[0] == results[1]
+    assert results[0] == results[1] == results[2]
     assert b"451 greylisted, please try again later (#4.7.1)" in results[0][0]
 
 
-def test_rcptcheck_is_the_same_preloaded(tmp_path, capfd):
+def test_rcptcheck_is_the_same_three_ways(tmp_path, capfd):
     from test_recipients import spec_site
     site = spec_site(str(tmp_path / "site"), qmail=str(tmp_path))
     env = {**ENV, b"RCPTCHECK_PASSWD": site.passwd_file(), b"QMAILHOME": os.fsencode(tmp_path)}
-    w, err = same_both_ways(tmp_path, capfd, {"r": [sample("rcptcheck")]}, env=env,
+    w, err = same_three_ways(tmp_path, capfd, {"r": [sample("rcptcheck")]}, env=env,
                             cfg=Config(greeting=b"mx.test", rcpthosts={b"example.org"}, plugins={
                                 b"r": [os.fsencode(sample("rcptcheck"))]}),
                             data=b"MAIL FROM:<a@b.c>\r\nRCPT TO:<joe@example.org>\r\n"
@@ -444,10 +482,10 @@ def test_rcptcheck_is_the_same_preloaded(tmp_path, capfd):
     assert "refused <joe-nosuch@example.org>" in err
 
 
-def test_ratelimit_link_without_redis_is_the_same_preloaded(tmp_path, capfd):
+def test_ratelimit_link_without_redis_is_the_same_three_ways(tmp_path, capfd):
     link = tmp_path / "ratelimit-rcpt"
     link.symlink_to(sample("ratelimit"))
-    w, err = same_both_ways(tmp_path, capfd, {"r": [str(link)]},
+    w, err = same_three_ways(tmp_path, capfd, {"r": [str(link)]},
                             env={**ENV, b"RATELIMIT_RECIPIENTS": b"1/60"})
     assert len(w.queued) == 1 and "RATELIMIT_REDIS" in err
 
@@ -464,3 +502,103 @@ def test_preloaded_calls_are_forks_not_execs(tmp_path):
     with open("/proc/self/cmdline", "rb") as f:
         ours = f.read().split(b"\0")[1]
     assert seen["preloaded"] == [ours] * 2
+
+
+# ------------------------------------------------------------------ in this process
+
+# The adversarial scripts an in-process call must also give as exec does (the
+# others end or change the process itself: no script that says RUN_IN_PROCESS may).
+SAME_IN_PROCESS = ["no final newline", "reads stdin", "sys.exit(3)", "sys.exit(text)",
+                   "raises", "changes os.environ"]
+
+
+@pytest.mark.parametrize("name", SAME_IN_PROCESS)
+def test_adversarial_script_is_the_same_in_process(tmp_path, capfd, name):
+    body, reply = ADVERSARIAL[name]
+    path = write_script(str(tmp_path), "p", IN_PROCESS + body)
+    w, err = same_both_ways(tmp_path, capfd, {"r": [path]}, modes=["exec", "in-process"])
+    assert w.out.split(b"\r\n", 3)[3].startswith(reply), w.out
+
+
+def test_megabytes_of_output_are_the_same_in_process(tmp_path, capfd):
+    path = write_script(str(tmp_path), "p", IN_PROCESS
+                        + "import sys\nsys.stdout.write('P250-x\\n' * 300000)\n")
+    w, _ = same_both_ways(tmp_path, capfd, {"r": [path]}, modes=["exec", "in-process"])
+    assert w.out.count(b"250-x\r\n") == 600000
+
+
+def test_an_in_process_call_runs_here_and_puts_everything_back(tmp_path):
+    """The call runs in this process (its pid is ours), fresh globals each time;
+    fd 1 writes are its output (not ours), fd 0 reads nothing; what it changes of
+    the process is put back."""
+    path = write_script(str(tmp_path), "p", IN_PROCESS + (
+        "import os, signal, sys\n"
+        "try:\n    calls += 1\nexcept NameError:\n    calls = 1\n"
+        "os.write(1, b'HX-Raw: pid %d calls %d\\n' % (os.getpid(), calls))\n"
+        "print('HX-Stdin: %r %r' % (sys.stdin, os.read(0, 10)))\n"
+        "print('HX-Argv: %s' % sys.argv[0])\n"
+        "os.environ['HOME'] = '/nowhere'\nos.chdir('/')\nos.umask(0o077)\n"
+        "signal.signal(signal.SIGHUP, signal.SIG_IGN)\nsys.argv.append('x')\n"))
+    environ, cwd, argv = dict(os.environ), os.getcwd(), list(sys.argv)
+    handler, umask = signal.getsignal(signal.SIGHUP), os.umask(0o022)
+    os.umask(umask)
+    w = play("in-process", str(tmp_path), {"r": [path]})
+    message = w.queued[0].message
+    assert message.count(b"X-Raw: pid %d calls 1\n" % os.getpid()) == 2, message
+    assert b"X-Stdin: None b''\n" in message and b"X-Argv: %s\n" % path.encode() in message
+    assert dict(os.environ) == environ and os.getcwd() == cwd and sys.argv == argv
+    assert signal.getsignal(signal.SIGHUP) == handler and os.umask(umask) == umask
+
+
+def test_the_time_limit_stops_an_in_process_call(tmp_path, capfd):
+    """SPPTIMEOUT: the same reply as for a killed process; a plugin's
+    `except Exception` does not stop it; the script then runs forked."""
+    path = write_script(str(tmp_path), "p", IN_PROCESS + (
+        "import time\nprint('HX-Before: sleep', flush=True)\n"
+        "try:\n    time.sleep(30)\nexcept Exception:\n    print('HX-Caught: it')\n"))
+    with preloaded(path, base_env=ENV) as scripts:
+        cwd = os.getcwd()
+        os.chdir(str(tmp_path))
+        try:
+            w = PluginWorld(MESSAGE).play(Session(Config(greeting=b"mx.test", plugins={
+                b"r": [os.fsencode(path)]}, plugin_time_limit=0.3), dict(ENV), b"77").run())
+        finally:
+            os.chdir(cwd)
+        assert not scripts[path].in_process
+    assert w.out.count(b"451 qmail-spp failure: %s: child crashed (#4.3.0)\r\n"
+                       % path.encode()) == 2, w.out
+    err = capfd.readouterr().err
+    assert "was stopped at its time limit: it runs forked from now on" in err
+    assert w.err.count(b"killed after its time limit of 0.3s") == 2
+
+
+def test_a_script_that_starts_a_thread_runs_forked_after(tmp_path, capfd):
+    path = write_script(str(tmp_path), "p", IN_PROCESS + (
+        "import os, threading, time\nthreading.Thread(target=time.sleep, args=(0.2,)).start()\n"
+        "print('HX-Thread: pid %d' % os.getpid())\n"))
+    w = play("in-process", str(tmp_path), {"r": [path]})
+    pids = [int(pid) for pid in re.findall(rb"X-Thread: pid (\d+)\n", w.queued[0].message)]
+    assert pids[0] == os.getpid() and pids[1] != os.getpid(), pids  # the second call: a fork
+    assert capfd.readouterr().err.count("started a thread: it runs forked from now on") == 1
+
+
+def test_without_the_marker_a_script_is_not_run_in_process(tmp_path):
+    d = str(tmp_path)
+    assert preload.examine(write_script(d, "yes", IN_PROCESS), 65534, 65534).in_process
+    for name, body in [("no", "print('N')\n"), ("false", "RUN_IN_PROCESS = False\n"),
+                       ("nested", "if True:\n    RUN_IN_PROCESS = True\n"),
+                       ("function", "def f():\n    RUN_IN_PROCESS = True\n")]:
+        assert not preload.examine(write_script(d, name, body), 65534, 65534).in_process, name
+
+
+def test_greylist_in_process_keeps_its_database_until_it_is_replaced(tmp_path):
+    """Run in process, greylist keeps its connection between calls; a database an
+    administrator removed is made anew (not written on the removed file)."""
+    env = {**ENV, b"GREYLIST_DB": b"greylist.sqlite3"}
+    for _ in range(2):
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(tmp_path / ("greylist.sqlite3" + suffix)):
+                os.remove(tmp_path / ("greylist.sqlite3" + suffix))
+        w = play("in-process", str(tmp_path), {"r": [sample("greylist")]}, env=env)
+        assert w.out.count(b"451 greylisted, please try again later (#4.7.1)") == 2
+        assert os.path.exists(tmp_path / "greylist.sqlite3")

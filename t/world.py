@@ -23,6 +23,7 @@ import os
 from qmail_smtpd_py.core import requests as rq
 from qmail_smtpd_py.core.config import Config
 from qmail_smtpd_py.core.session import Session
+from qmail_smtpd_py.core.spp import plugin_entry
 
 BASE_ENV = {b"TCPREMOTEIP": b"127.0.0.1", b"TCPLOCALIP": b"127.0.0.1",
             b"TCPLOCALHOST": b"mx.test"}
@@ -59,6 +60,27 @@ def load_config(home, env=None, args=()):
     if cdb is not None:
         os.close(cdb.fd)
     return config
+
+
+_COMMANDS = {verb.upper().decode() for verb in Session._VERBS} | {"CONNECT"}
+
+
+def fact_of(line):
+    """The fact a close, refuse or accept log line (without its prefix) states,
+    read back from the text: the oracle for the facts the Log requests carry.
+    None for other lines."""
+    event, _, rest = line.partition(" ")
+    words = rest.split(" ")
+    fields = dict(w.split("=", 1) for w in words if "=" in w)
+    if event == "close":
+        return rq.Closed(int(fields["status"]), fields["why"])
+    if event == "refuse":
+        verb, code = words[0], words[1]
+        return rq.Refused(verb if verb in _COMMANDS else "OTHER",
+                          code if len(code) == 3 and code.isdigit() else "other", fields["by"])
+    if event == "accept":
+        return rq.Accepted(int(fields["bytes"]), int(fields["rcpts"]))
+    return None
 
 
 class Queued(tuple):
@@ -124,6 +146,7 @@ class World:
         self.segments = []         # the data of each Send
         self.requests = []         # every request, in order
         self.log = []              # Log texts (and "slept N" for each Sleep)
+        self.facts = []            # the facts of the Log requests (Closed, Refused, Accepted)
         self.exit = None
         self.queued = []           # (message, envelope) of messages qmail-queue accepted
         self.offered = []          # every (message, envelope) handed to qmail-queue
@@ -177,7 +200,10 @@ class World:
         return rq.SENT
 
     def write_log(self, request):
-        self.log.append(request.text)
+        if request.text is not None:
+            self.log.append(request.text)
+        if request.fact is not None:
+            self.facts.append(request.fact)
 
     def end(self, request):
         self.exit = request.code
@@ -226,8 +252,7 @@ class World:
     # ------------------------------------------------------------ plugins, programs
 
     def start_plugin(self, request):
-        argv = request.argv
-        entry = b":" + argv[2] if argv[:2] == (b"/bin/sh", b"-c") else argv[0]
+        entry = plugin_entry(request.argv)
         self.plugin_runs.append((request.argv, request.env))
         plugin = self.plugins[entry]
         if not isinstance(plugin, Plugin):

@@ -24,11 +24,24 @@ word()), so a client cannot forge or split a line.  The events:
 
 Anything else is an error or warning in plain words.  No password, AUTH
 response or message content is ever logged.
+
+The words of by= and why= are listed below (CHECKS, ENDINGS): the metrics
+(metrics.py) count refusals and sessions by them, from the facts the Log
+requests carry (requests.Refused, requests.Closed).
 """
 
 from __future__ import annotations
 
 _AUTH_MECHANISMS = (b"login", b"plain", b"cram-md5")
+
+# The checks a refuse line names (by=).
+CHECKS = ("rcpthosts", "badmailfrom", "syntax", "sequence", "unimplemented", "max-line",
+          "databytes", "hops", "bare-lf", "queue", "auth-required", "auth-off", "canceled",
+          "tls-required", "checkpassword", "plugin", "plugin-deferred", "extfork")
+# Why a session ended (the why= of a close line); "controls" also ends the
+# sessions that cannot read their control files before the greeting.
+ENDINGS = ("quit", "eof", "timeout", "write", "plugin", "extfork", "bare-lf", "tls",
+           "controls", "ipme")
 
 # Log values are one word: bytes outside printable ASCII, the space and the
 # backslash are written as \xNN, so a client cannot forge or split a line.
@@ -68,10 +81,14 @@ def command_words(verb: bytes, line: bytes) -> str:
     return " ".join(shown)
 
 
-def refusal_words(verb: bytes, reply: bytes, by: str, fields: dict) -> str:
-    """`refuse <VERB> <code> by=<check> key=value...`: code from the reply's last line."""
-    last = bytes(reply).rstrip(b"\r\n").rsplit(b"\n", 1)[-1]
-    words = ["refuse", word(verb.upper()), word(last[:3] or b"-"), "by=" + by]
+def reply_code(reply: bytes) -> bytes:
+    """The first three bytes of a reply's last line (its code, as a rule)."""
+    return bytes(reply).rstrip(b"\r\n").rsplit(b"\n", 1)[-1][:3]
+
+
+def refusal_words(verb: bytes, code: bytes, by: str, fields: dict) -> str:
+    """`refuse <VERB> <code> by=<check> key=value...`; code: the reply's (reply_code)."""
+    words = ["refuse", word(verb.upper()), word(code or b"-"), "by=" + by]
     for key, value in fields.items():
         if isinstance(value, bytes):
             value = "<%s>" % word(value) if key in ("from", "to") else word(value)

@@ -16,7 +16,7 @@ Requests, with their possible outcomes:
 
     Read()                     bytes (never empty) | END_OF_INPUT | TIMED_OUT
     Send(data)                 SENT | SEND_FAILED
-    Log(text)                  None
+    Log(text, fact)            None   (fact: Closed | Refused | Accepted | None)
     Now()                      the Unix time (float)
     LocalIPs()                 frozenset of IPv4 4-tuples | Failed
     MoreRcptHosts(keys)        True | False | Failed     (morercpthosts.cdb)
@@ -124,9 +124,17 @@ class Send(Value):
 
 
 class Log(Value):
-    """Write one line to the log; the driver adds the connection's prefix."""
-    __slots__ = ("text",)
-    text: str
+    """Write one line to the log; the driver adds the connection's prefix.
+    text is None when SMTPLOGLEVEL keeps the line out.  fact: the event as
+    data (Closed, Refused, Accepted; None for other lines), at every log
+    level, so that a driver can count events without reading log text."""
+    __slots__ = ("text", "fact")
+    text: str | None
+    fact: Value | None
+
+    def __init__(self, text, fact=None):  # the commonest request: no defaults lookup
+        object.__setattr__(self, "text", text)
+        object.__setattr__(self, "fact", fact)
 
 
 class Now(Value):
@@ -153,6 +161,34 @@ class Exit(Value):
     """End the connection with this exit status (all output was sent)."""
     __slots__ = ("code",)
     code: int
+
+
+# The facts a Log request carries: label-ready words (a bounded set each:
+# logline.CHECKS, logline.ENDINGS, the session's verbs) and numbers.
+
+
+class Closed(Value):
+    """The session ended: its exit status, and why (a logline.ENDINGS word)."""
+    __slots__ = ("status", "why")
+    status: int
+    why: str
+
+
+class Refused(Value):
+    """A command was refused: its verb (upper case, "OTHER" for a word that
+    is no command), the reply code ("other" if not three digits) and the
+    check responsible (a logline.CHECKS word)."""
+    __slots__ = ("verb", "code", "by")
+    verb: str
+    code: str
+    by: str
+
+
+class Accepted(Value):
+    """qmail-queue took a message: its size in bytes, its recipients."""
+    __slots__ = ("size", "rcpts")
+    size: int
+    rcpts: int
 
 
 READ = Read()

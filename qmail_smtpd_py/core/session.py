@@ -24,7 +24,7 @@ from . import address, auth, queue, replies
 from .config import LOG_COMMANDS, LOG_EVENTS, LOG_REPLIES, Config
 from .data import BareLF, Blast
 from .extfork import QUITASAP_PAUSE, ExtFork
-from .logline import command_words, refusal_words, word, words
+from .logline import command_words, refusal_words, reply_code, word, words
 from .received import received
 from .requests import (
     CLIENT_CERTIFICATE,
@@ -34,8 +34,10 @@ from .requests import (
     NOW,
     PIPE,
     READ,
+    Accepted,
     CannotStart,
     CheckPassword,
+    Closed,
     EndOfInput,
     Exit,
     Exited,
@@ -44,6 +46,7 @@ from .requests import (
     HandshakeFailed,
     Log,
     MoreRcptHosts,
+    Refused,
     Send,
     SendFailed,
     Sleep,
@@ -172,11 +175,13 @@ class Session:
                 if verb not in _BUFFERED_VERBS:
                     yield from self._flush()
         except _End as end:
-            code, why = end.code, end.why
+            code, why, detail = end.code, end.why, ""
         except Disconnect:
-            code, why = 0, "plugin plugin=" + word(self.spp.entry)
+            code, why, detail = 0, "plugin", " plugin=" + word(self.spp.entry)
+        text = None
         if logging:
-            yield Log("close status=%d why=%s messages=%d" % (code, why, self.messages))
+            text = "close status=%d why=%s%s messages=%d" % (code, why, detail, self.messages)
+        yield Log(text, Closed(code, why))
         if self._out:
             yield Send(bytes(self._out))  # the last words; a failure changes nothing now
             del self._out[:]
@@ -211,8 +216,19 @@ class Session:
     def _refuse(self, reply, by, **fields):
         """Answer the current command with a refusal and log who refused it."""
         self._out += reply
+        yield self._refusal(reply, by, fields)
+
+    def _refusal(self, reply, by, fields):
+        """The Log request of a refusal: its line (from SMTPLOGLEVEL 1 on) and
+        its fact.  The fact's verb and code are bounded: a client may send any
+        word as a command, a plugin any text as a reply."""
+        verb, code = self.verb, reply_code(reply)
+        text = None
         if self.log_level >= LOG_EVENTS:
-            yield Log(refusal_words(self.verb, reply, by, fields))
+            text = refusal_words(verb, code, by, fields)
+        verb = verb.upper().decode() if verb in self._VERBS or verb == b"connect" else "OTHER"
+        code = code.decode() if len(code) == 3 and code.isdigit() else "other"
+        return Log(text, Refused(verb, code, by))
 
     def _plugins(self, section, addr_var=None, addr=None):
         """Run a qmail-spp hook; a refusal is logged with the plugin's name."""
@@ -221,15 +237,12 @@ class Session:
             result, addr = yield from self.spp.hook(section, self.env, self._out, self._flush,
                                                     addr_var, addr)
         except Disconnect:  # R or D: log the refusal (if any) before closing
-            if self.log_level >= LOG_EVENTS and len(self._out) > mark:
-                yield Log(self._plugin_refusal(mark))
+            if len(self._out) > mark:
+                yield self._refusal(self._out[mark:], "plugin", {"plugin": self.spp.entry})
             raise
-        if result == REJECT and self.log_level >= LOG_EVENTS:
-            yield Log(self._plugin_refusal(mark))
+        if result == REJECT:
+            yield self._refusal(self._out[mark:], "plugin", {"plugin": self.spp.entry})
         return result, addr
-
-    def _plugin_refusal(self, mark):
-        return refusal_words(self.verb, self._out[mark:], "plugin", {"plugin": self.spp.entry})
 
     def _deferred_refusal(self, which):
         """Send an LM/LR/LD error of a plugin if one is pending; True if sent."""
@@ -237,9 +250,7 @@ class Session:
         entry = self.spp.pending_error(which, self._out)
         if entry is None:
             return False
-        if self.log_level >= LOG_EVENTS:
-            yield Log(refusal_words(self.verb, self._out[mark:], "plugin-deferred",
-                                    {"plugin": entry}))
+        yield self._refusal(self._out[mark:], "plugin-deferred", {"plugin": entry})
         return True
 
     def _fill(self):
@@ -523,9 +534,11 @@ class Session:
             when = yield NOW
             self._out += replies.accepted(int(when), started.pid)
             self.messages += 1
+            text = None
             if self.log_level >= LOG_EVENTS:
-                yield Log("accept qp=%d bytes=%d from=<%s> rcpts=%d" % (
-                    started.pid, blast.size, word(self.mailfrom), len(self.rcpts)))
+                text = "accept qp=%d bytes=%d from=<%s> rcpts=%d" % (
+                    started.pid, blast.size, word(self.mailfrom), len(self.rcpts))
+            yield Log(text, Accepted(blast.size, len(self.rcpts)))
             return
         if looping:
             reply, by = replies.LOOPING, "hops"
@@ -745,7 +758,7 @@ class Session:
 def cannot_start(detail: str) -> Steps:
     """The session of a connection whose control files cannot be read
     (generator, like Session.run): 421 and exit 1, as qmail-smtpd."""
-    yield Log("fatal: unable to read controls: %s" % detail)
+    yield Log("fatal: unable to read controls: %s" % detail, Closed(1, "controls"))
     yield Send(replies.CONTROLS)
     yield Exit(1)
 

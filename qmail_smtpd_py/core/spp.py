@@ -71,6 +71,13 @@ def plugin_argv(entry: bytes) -> tuple[bytes, ...]:
     return (entry,)  # the whole line: no argument splitting, as qmail-spp
 
 
+def plugin_entry(argv: tuple[bytes, ...]) -> bytes:
+    """The entry plugin_argv() made argv from (the log's plugin= word)."""
+    if len(argv) == 3 and argv[:2] == (b"/bin/sh", b"-c"):
+        return b":" + argv[2]
+    return argv[0]
+
+
 class Disconnect(Exception):
     """A plugin said R or D: send what is pending and exit 0."""
 
