@@ -32,7 +32,10 @@ times first.  A plugin that writes nothing and exits leaves the command to
 the next plugin and to the server's own checks; the server ignores exit
 codes, so a plugin that crashes with a traceback lets the command through.
 
-Only os and sys are imported: every plugin run is a new interpreter.
+Only os and sys are imported: an exec'd plugin run is a new interpreter,
+and what a plugin imports at its top is what a preloaded run saves
+(preload.py: the pool, and a per-connection server, run a script for
+their own interpreter as a fork instead of an exec).
 """
 
 import os

@@ -44,6 +44,9 @@ BASE_ENV = {
     "TCPLOCALIP": "127.0.0.1",
     "TCPLOCALHOST": "mx.test",
 }
+# `make coverage`: the servers the tests start are measured too
+BASE_ENV.update({name: os.environ[name] for name in ("COVERAGE_PROCESS_START", "COVERAGE_FILE")
+                 if name in os.environ})
 
 DEFAULT_CONTROL = {
     "me": "mx.example.org\n",

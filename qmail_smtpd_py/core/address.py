@@ -95,19 +95,3 @@ def domain_candidates(addr: bytes) -> list[bytes] | None:
         i = host.find(b".", i + 1)
     return keys
 
-
-def rcpthosts_allows(addr, rcpthosts, morercpthosts):
-    """qmail's rcpthosts(): may mail for addr be accepted without relaying?
-
-    rcpthosts None means the control file is absent (everything accepted);
-    morercpthosts is any container (a set, or a cdb.Cdb) or None.  A cdb
-    read error propagates as control.ControlError.
-    """
-    if rcpthosts is None:
-        return True
-    keys = domain_candidates(addr)
-    if keys is None:
-        return True
-    if any(k in rcpthosts for k in keys):
-        return True
-    return morercpthosts is not None and any(k in morercpthosts for k in keys)

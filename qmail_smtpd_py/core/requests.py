@@ -69,7 +69,7 @@ class Value:
         values = dict(self._defaults)
         values.update(zip(names, args))
         values.update(kwargs)
-        if len(values) != len(names):
+        if values.keys() != set(names):
             unknown = set(values) - set(names)
             missing = set(names) - set(values)
             raise TypeError("%s: unknown %s, missing %s" % (
