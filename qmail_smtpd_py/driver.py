@@ -345,31 +345,53 @@ def peer_environment(environ, fd=0):
 def read_proxy_header(fd, seconds):
     """The PROXY header (proxy.py) at the start of fd, read within `seconds`
     and never a byte past it: the client's SMTP may follow in the same
-    segment, and a pipe cannot be peeked at, so each read asks for what the
-    header still has at least.  Raises proxy.ProxyError."""
+    segment.  A socket is peeked at, so that a header that has arrived takes
+    one read to see and one to take; a pipe (nothing can be peeked at or put
+    back) is read for what the header still has at least, which for v1 ends
+    in a byte at a time.  Raises proxy.ProxyError."""
+    from _socket import MSG_PEEK, socket
+
     from . import proxy
     deadline = time.monotonic() + seconds
     poller = select.poll()
     poller.register(fd, select.POLLIN)
-    data = b""
-    while True:
-        try:
-            return proxy.parse(data)
-        except proxy.Truncated as short:
-            wanted = short.needed - len(data)
-        left = deadline - time.monotonic()
-        if left <= 0 or not poller.poll(left * 1000):
-            raise proxy.ProxyError(proxy.TIMEOUT, "no complete header within %g s, %d bytes"
-                                   % (seconds, len(data)))
-        try:
-            chunk = os.read(fd, wanted)
-        except BlockingIOError:
-            continue
-        except OSError:  # reset by the peer: as good as closed
-            chunk = b""
-        if not chunk:
-            raise proxy.ProxyError(proxy.TRUNCATED, "closed after %d bytes" % len(data))
-        data += chunk
+    try:
+        sock = socket(fileno=fd)  # fd itself: detached below, never closed
+    except OSError:  # not a socket
+        sock = None
+    data = peeked = b""  # taken from fd; seen on the socket, not taken yet
+    try:
+        while True:
+            try:
+                header = proxy.parse(data + peeked)
+            except proxy.Truncated as short:
+                if peeked:  # a header longer than all of it: every byte is the header's
+                    data += sock.recv(len(peeked))
+                    peeked = b""
+                wanted = short.needed - len(data)
+            else:
+                if peeked:
+                    sock.recv(header.length - len(data))  # its bytes, none of the client's
+                return header
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise proxy.ProxyError(proxy.TIMEOUT, "no complete header within %g s, %d bytes"
+                                       % (seconds, len(data)))
+            try:
+                if sock is None:
+                    chunk = os.read(fd, wanted)
+                    data += chunk
+                else:
+                    chunk = peeked = sock.recv(proxy.MAX_LENGTH, MSG_PEEK)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise proxy.ProxyError(proxy.TRUNCATED, "closed after %d bytes" % len(data))
+    except OSError:  # reset by the peer: as good as closed
+        raise proxy.ProxyError(proxy.TRUNCATED, "closed after %d bytes" % len(data)) from None
+    finally:
+        if sock is not None:
+            sock.detach()
 
 
 def proxied_environment(environ, fd, connection_id):

@@ -779,6 +779,7 @@ class Worker:
         self.pid = 0
         self.waiting = False   # in accept(): SIGTERM ends the worker at once
         self.stopping = False  # SIGTERM during a session: end after it
+        self.balancers = set()  # peers found in --proxy's networks (a few, again and again)
 
     def start(self):
         """The worker's own set-up after the fork."""
@@ -897,8 +898,11 @@ class Worker:
         meanwhile, with no client address for -C to count."""
         peer = driver.unmapped(remote[0].encode())
         try:
-            if not any(ipaddress.ip_address(peer.decode()) in net for net in self.options.proxies):
-                raise proxy.ProxyError(proxy.UNTRUSTED, "not a balancer of --proxy")
+            if peer not in self.balancers:
+                address = ipaddress.ip_address(peer.decode())
+                if not any(address in net for net in self.options.proxies):
+                    raise proxy.ProxyError(proxy.UNTRUSTED, "not a balancer of --proxy")
+                self.balancers.add(peer)
             self.pool.scoreboard.set(self.slot, self.pid, BUSY)
             header = driver.read_proxy_header(conn.fileno(), self.options.proxy_timeout)
         except proxy.ProxyError as e:

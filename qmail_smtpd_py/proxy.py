@@ -40,6 +40,7 @@ V1_MAX_LENGTH = 107          # the specification's worst case, CRLF included
 V2_MAX_LENGTH = 2048         # the most bytes after v2's fixed 16 we accept (addresses + TLVs)
 V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
 V2_FIXED = 16
+MAX_LENGTH = V2_FIXED + V2_MAX_LENGTH  # the longest header accepted, of either version
 
 DEFAULT_SECONDS = 5.0        # the time limit of the readers (driver.read_proxy_header)
 
@@ -162,11 +163,15 @@ def _parse_v1(data):
 
 def _ipv4(text):
     """Four decimal numbers 0-255 without leading zeros, as the specification
-    writes them (inet_pton's leniency varies between C libraries)."""
-    parts = text.split(b".")
-    if len(parts) != 4 or not all(_decimal(p, 3) and int(p) < 256 for p in parts):
-        raise ProxyError(MALFORMED, "v1: IPv4 address %s" % word(text))
-    return text.decode()
+    writes them: the address must come back from inet_ntop as it was given
+    (inet_pton's leniency varies between C libraries)."""
+    address = text.decode()  # printable ASCII (checked)
+    try:
+        if inet_ntop(AF_INET, inet_pton(AF_INET, address)) == address:
+            return address
+    except OSError:
+        pass
+    raise ProxyError(MALFORMED, "v1: IPv4 address %s" % word(text))
 
 
 def _ipv6(text):

@@ -437,6 +437,17 @@ def require_tools(*names):
         pytest.skip(why)
 
 
+def require_program(path, package):
+    """Skip the calling test when the program at path (a Debian package's) is not
+    installed; under CI (CI set) fail instead, as require_tools."""
+    if os.access(path, os.X_OK):
+        return
+    why = "%s is not installed (apt-get install %s; .ci/run does)" % (path, package)
+    if os.environ.get("CI"):
+        pytest.fail(why)
+    pytest.skip(why)
+
+
 def make_cdb(path, keys):
     """Build a djb cdb with the real `cdb -c` (tinycdb): each key with empty data."""
     require_tools("cdb")

@@ -372,6 +372,45 @@ def test_help_names_the_options():
     assert b"--proxy CIDR,..." in out and b"--proxy-timeout SECONDS" in out
 
 
+# ------------------------------------------------------------------ the reader itself
+
+
+def descriptors(kind):
+    """(read end, write end) of a socket pair or a pipe, as file descriptors."""
+    if kind == "pipe":
+        return os.pipe()
+    a, b = socket.socketpair()
+    return b.detach(), a.detach()
+
+
+@pytest.mark.parametrize("kind", ["socket", "pipe"])
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_reader_takes_the_header_and_not_a_byte_more(kind, version):
+    """driver.read_proxy_header in this process: the header arrives in two pieces
+    (cut anywhere, the client's first bytes behind it in the second), and what is
+    left to read is exactly the client's.  A socket is peeked at, a pipe read for
+    what the header still has at least: both end at the same byte."""
+    import threading
+
+    from qmail_smtpd_py import driver
+    header = HEADERS[version](CLIENT, MX)
+    client = b"EHLO client.test\r\n"
+    for cut in sorted({1, 12, 13, 15, 16, 17, 30, len(header) - 1, len(header)}):
+        r, w = descriptors(kind)
+        try:
+            os.write(w, header[:cut])
+            later = threading.Timer(0.02, os.write, (w, header[cut:] + client))
+            later.start()
+            got = driver.read_proxy_header(r, 20)
+            later.join()
+            assert (got.source, got.destination, got.length) == (CLIENT, MX, len(header))
+            os.set_blocking(r, False)  # everything is written: an empty fd raises, never hangs
+            assert os.read(r, 100) == client, cut
+        finally:
+            os.close(r)
+            os.close(w)
+
+
 # ------------------------------------------------------------------ per connection: pipes
 
 
