@@ -87,11 +87,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(mode, env, local_name, program=SERVER, log=None, options=()):
+def start_server(mode, env, local_name, program=SERVER, log=None, options=(), first=b""):
     """A server on a free loopback port, output to the file log or nowhere; returns
     (process, port).  mode: "pool" (`qmail-smtpd-py serve`, the pre-forked workers),
     "fork" (`serve --fork`, a fork per connection), "tcpserver" (running program),
-    or "qpsmtpd" (Debian's qpsmtpd-prefork, see qpsmtpd_config)."""
+    or "qpsmtpd" (Debian's qpsmtpd-prefork, see qpsmtpd_config).  It is up once a
+    connection that sends first (e.g. the PROXY header --proxy wants) is greeted."""
     port = free_port()
     if mode in ("pool", "fork"):
         cmd = [SERVER, "serve", "-H", "-R", "--root", "-c", "40", "-l", local_name,
@@ -116,6 +117,7 @@ def start_server(mode, env, local_name, program=SERVER, log=None, options=()):
     while time.monotonic() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(first)
                 if s.recv(512).startswith(b"220"):
                     return proc, port
         except OSError:

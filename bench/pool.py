@@ -69,8 +69,9 @@ def run_load(port, clients, count, source):
     return own_clients(port, clients, count)
 
 
-def own_clients(port, clients, count, tls_context=None):
-    """The bench's own client: forked processes, each a share of count sessions."""
+def own_clients(port, clients, count, tls_context=None, prefix=b""):
+    """The bench's own client: forked processes, each a share of count sessions
+    (each opened with prefix, e.g. a PROXY header, when given)."""
     data = session(MESSAGE)
     t0 = time.monotonic()
     pids = []
@@ -80,7 +81,7 @@ def own_clients(port, clients, count, tls_context=None):
         if pid == 0:
             try:
                 for _ in range(share):
-                    one_session(port, data, tls_context)
+                    one_session(port, data, tls_context, prefix)
             except BaseException as e:
                 sys.stderr.write("client: %s\n" % e)
                 os._exit(1)
@@ -93,9 +94,12 @@ def own_clients(port, clients, count, tls_context=None):
     return time.monotonic() - t0
 
 
-def one_session(port, data, tls_context):
+def one_session(port, data, tls_context, prefix=b""):
     with socket.create_connection(("127.0.0.1", port)) as s:
-        if tls_context is not None:
+        if tls_context is None:
+            data = prefix + data  # one segment, as the plain session alone
+        else:
+            s.sendall(prefix)
             reader = s.makefile("rb")
             reader.readline()
             s.sendall(b"EHLO client.example\r\n")

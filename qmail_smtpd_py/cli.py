@@ -73,6 +73,9 @@ def _tools(args):
           SMTPEXTFORKTIMEOUT  seconds an SMTPEXTFORK program may run (default:
                         no limit); one over it is killed (the RCPT is accepted)
           NOPRELOAD     Python plugins and programs are always exec'd
+          PROXYPROTOCOL the connection starts with a proxy protocol header (v1, v2)
+                        naming the client (set it in the balancer's tcprules rule);
+                        its value: seconds to wait for it (empty: 5)
           SMTPAUTH      AUTH mode: "" LOGIN PLAIN, cram, +cram, ! (required),
                         !cram, !+cram, - (off)
           SMTPS         TLS from the first byte (port 465)

@@ -241,18 +241,25 @@ def run_connection(args=(), qmail_home=None, environ=None, connection_id=None, i
     starts each log line and makes the CRAM-MD5 challenge unique (default:
     the pid, as qmail-smtpd).  prepare_plugins: a process for this one
     connection prepares its Python plugins at their first call (children.py)
-    unless NOPRELOAD is set.  driver: the Driver class (the pool's
+    unless NOPRELOAD is set.  With PROXYPROTOCOL in the process's environment
+    (tcpserver mode) the connection starts with a PROXY header, whose client
+    the session then sees.  driver: the Driver class (the pool's
     metrics.MeteredDriver counts what it does)."""
     reset_signals()
-    if environ is None:
+    own_process = environ is None
+    if own_process:
         environ = started_environment(os.environb)
     if b"TCPREMOTEIP" not in environ:  # not under tcpserver: systemd, inetd, ...
         environ = peer_environment(environ)
+    if connection_id is None:
+        connection_id = str(os.getpid())
+    if own_process and b"PROXYPROTOCOL" in environ:  # the pool has --proxy instead
+        environ = proxied_environment(environ, infd, connection_id)
+        if environ is None:
+            return 1
     env = dict(environ)
     if prepare_plugins and b"NOPRELOAD" not in env:
         children.prepare_on_first_use = env
-    if connection_id is None:
-        connection_id = str(os.getpid())
     if qmail_home is None:
         qmail_home = env.get(b"QMAILHOME", b"/var/qmail")
     prefix = connection_prefix(connection_id, env)
@@ -332,6 +339,110 @@ def peer_environment(environ, fd=0):
     env.setdefault(b"TCPLOCALIP", unmapped(local[0].encode()))
     env.setdefault(b"TCPLOCALPORT", b"%d" % local[1])
     return env
+
+
+# ------------------------------------------------------------------ PROXY protocol
+
+
+def read_proxy_header(fd, seconds):
+    """The PROXY header (proxy.py) at the start of fd, read within `seconds`
+    and never a byte past it: the client's SMTP may follow in the same
+    segment.  A socket is peeked at, so that a header that has arrived takes
+    one read to see and one to take; a pipe (nothing can be peeked at or put
+    back) is read for what the header still has at least, which for v1 ends
+    in a byte at a time.  Raises proxy.ProxyError."""
+    from _socket import MSG_PEEK, socket
+
+    from . import proxy
+    deadline = time.monotonic() + seconds
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    try:
+        sock = socket(fileno=fd)  # fd itself: detached below, never closed
+    except OSError:  # not a socket
+        sock = None
+    data = peeked = b""  # taken from fd; seen on the socket, not taken yet
+    try:
+        while True:
+            try:
+                header = proxy.parse(data + peeked)
+            except proxy.Truncated as short:
+                if peeked:  # a header longer than all of it: every byte is the header's
+                    data += sock.recv(len(peeked))
+                    peeked = b""
+                wanted = short.needed - len(data)
+            else:
+                if peeked:
+                    sock.recv(header.length - len(data))  # its bytes, none of the client's
+                return header
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(left * 1000):
+                raise proxy.ProxyError(proxy.TIMEOUT, "no complete header within %g s, %d bytes"
+                                       % (seconds, len(data)))
+            try:
+                if sock is None:
+                    chunk = os.read(fd, wanted)
+                    data += chunk
+                else:
+                    chunk = peeked = sock.recv(proxy.MAX_LENGTH, MSG_PEEK)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise proxy.ProxyError(proxy.TRUNCATED, "closed after %d bytes" % len(data))
+    except OSError:  # reset by the peer: as good as closed
+        raise proxy.ProxyError(proxy.TRUNCATED, "closed after %d bytes" % len(data)) from None
+    finally:
+        if sock is not None:
+            sock.detach()
+
+
+def proxied_environment(environ, fd, connection_id):
+    """tcpserver mode, PROXYPROTOCOL set (by a tcprules rule for the balancer):
+    the environment with the client of the PROXY header on fd, read within
+    PROXYPROTOCOL seconds (empty: proxy.DEFAULT_SECONDS).  tcpserver's
+    TCPREMOTEHOST and TCPREMOTEINFO name the balancer, so they go.  None
+    (after one log line) if there is no acceptable header: the caller closes
+    without a word."""
+    from . import proxy
+    prefix = connection_prefix(connection_id, environ)
+    value = environ[b"PROXYPROTOCOL"]
+    seconds = proxy.DEFAULT_SECONDS
+    try:
+        if value:
+            seconds = float(value)
+            if not 0 < seconds <= 3600:
+                raise ValueError(value)
+    except ValueError:
+        seconds = proxy.DEFAULT_SECONDS
+        write_quietly(2, ("%sPROXYPROTOCOL=%r is no number of seconds (0-3600); using %g\n"
+                          % (prefix, value.decode("latin-1"), seconds)).encode())
+    try:
+        header = read_proxy_header(fd, seconds)
+    except proxy.ProxyError as e:
+        write_quietly(2, (prefix + e.log_text() + "\n").encode("utf-8", "backslashreplace"))
+        return None
+    env = dict(environ)
+    for name in (b"TCPREMOTEHOST", b"TCPREMOTEINFO", b"TCP6REMOTEHOST", b"TCP6REMOTEINFO"):
+        env.pop(name, None)
+    set_addresses(env, header.destination, header.source, b"TCP6REMOTEIP" in environ)
+    return env
+
+
+def set_addresses(env, local, remote, tcp6=True):
+    """PROTO and the TCP address variables of a connection from remote to
+    local ((ip, port) pairs, as sockets give them), as Debian's
+    ucspi-tcp-ipv6 sets them: an IPv4 client on an IPv6 socket shows as
+    plain IPv4, PROTO=TCP6 for IPv6 clients, and (tcp6) every variable again
+    as TCP6* with IPv4 addresses in their ::ffff: form."""
+    remote_ip = unmapped(remote[0].encode())
+    env[b"PROTO"] = b"TCP6" if b":" in remote_ip else b"TCP"
+    for side, (ip, port) in ((b"LOCAL", local[:2]), (b"REMOTE", remote[:2])):
+        ip = unmapped(ip.encode())
+        env[b"TCP%sIP" % side] = ip
+        env[b"TCP%sPORT" % side] = b"%d" % port
+        if tcp6:
+            env[b"TCP6%sIP" % side] = ip if b":" in ip else b"::ffff:" + ip
+            env[b"TCP6%sPORT" % side] = b"%d" % port
 
 
 def unmapped(ip):

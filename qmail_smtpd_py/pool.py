@@ -36,6 +36,7 @@ workers are recycled from the running code instead.
 import errno
 import fcntl
 import gc
+import ipaddress
 import mmap
 import os
 import select
@@ -49,7 +50,7 @@ import time
 import attrs
 import click
 
-from . import children, control, driver, ipme, preload, tls  # noqa: F401  (before forking)
+from . import children, control, driver, ipme, preload, proxy, tls  # noqa: F401  (before forking)
 from .cdb import Cdb, CdbError
 from .core import replies, session  # noqa: F401
 from .core.logline import word
@@ -87,6 +88,8 @@ class Options:
     dns_timeout: float = 3.0          # --dns-timeout: seconds for a name lookup
     fork: bool = False                # --fork: one process per connection, no pool
     metrics: tuple | None = None      # --metrics: (host, port) of the Prometheus endpoint
+    proxies: tuple = ()               # --proxy: the balancers' networks (PROXY header required)
+    proxy_timeout: float = proxy.DEFAULT_SECONDS  # --proxy-timeout: seconds for the header
     qmail_home: bytes | None = None
     args: tuple = ()                  # the checkpassword command line
 
@@ -108,6 +111,21 @@ def _metrics_address(ctx, param, value):
 def _positive(ctx, param, value):
     if value is not None and value < 1:
         raise click.BadParameter("give a positive number")
+    return value
+
+
+def _networks(ctx, param, values):
+    """--proxy 127.0.0.1,10.0.0.0/8 (and again): a tuple of ip_network."""
+    try:
+        return tuple(ipaddress.ip_network(text.strip()) for value in values
+                     for text in value.split(",") if text.strip())
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _seconds(ctx, param, value):
+    if not 0 < value <= 3600:
+        raise click.BadParameter("give a number of seconds (0-3600)")
     return value
 
 
@@ -153,6 +171,13 @@ def _positive(ctx, param, value):
               help="no pool: fork one process per connection after accepting it")
 @click.option("--metrics", metavar="HOST:PORT", callback=_metrics_address,
               help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)")
+@click.option("--proxy", "proxies", multiple=True, callback=_networks, metavar="CIDR,...",
+              help="trusted load balancers (e.g. 127.0.0.1,10.0.0.0/8): their connections "
+                   "start with a PROXY header (v1 or v2) naming the client; any other peer "
+                   "is closed without a word")
+@click.option("--proxy-timeout", type=float, default=proxy.DEFAULT_SECONDS, show_default=True,
+              callback=_seconds, metavar="SECONDS",
+              help="time limit for the PROXY header (--proxy)")
 @click.option("--qmail-home", metavar="DIR", help="qmail home (default $QMAILHOME or /var/qmail)")
 @click.argument("words", nargs=-1, type=click.UNPROCESSED, metavar="HOST PORT [CHECKPASSWORD...]")
 def command(words, from_env, ident, qmail_home, **given):
@@ -237,21 +262,13 @@ def _parse_rule(data):
 
 def connection_env(base, local, remote, local_name, remote_name=None):
     """The environment of a `tcpserver -R [-l NAME]` child, as Debian's
-    ucspi-tcp-ipv6 sets it: TCP* as in ucspi-tcp (an IPv4 client on an IPv6
-    socket shows as plain IPv4), PROTO=TCP6 for IPv6 clients, and every
-    variable again as TCP6* with IPv4 addresses in their ::ffff: form."""
+    ucspi-tcp-ipv6 sets it (driver.set_addresses)."""
     env = dict(base)
     for name in (b"TCPREMOTEHOST", b"TCPREMOTEINFO", b"TCPLOCALHOST", b"TCP6REMOTEHOST",
                  b"TCP6REMOTEINFO", b"TCP6LOCALHOST", b"LISTEN_FDS", b"LISTEN_PID",
                  b"LISTEN_FDNAMES", os.fsencode(INHERIT)):
         env.pop(name, None)
-    remote_ip = driver.unmapped(remote[0].encode())
-    env[b"PROTO"] = b"TCP6" if b":" in remote_ip else b"TCP"
-    for side, (ip, port) in ((b"LOCAL", local[:2]), (b"REMOTE", remote[:2])):
-        ip = driver.unmapped(ip.encode())
-        env[b"TCP%sIP" % side] = ip
-        env[b"TCP6%sIP" % side] = ip if b":" in ip else b"::ffff:" + ip
-        env[b"TCP%sPORT" % side] = env[b"TCP6%sPORT" % side] = b"%d" % port
+    driver.set_addresses(env, local, remote)
     if local_name is not None:
         env[b"TCPLOCALHOST"] = env[b"TCP6LOCALHOST"] = os.fsencode(local_name)
     if remote_name is not None:
@@ -825,6 +842,7 @@ class Worker:
         self.slot = slot
         self.pid = 0
         self.stopping = False  # SIGTERM: end after the session, if there is one
+        self.balancers = set()  # peers found in --proxy's networks (a few, again and again)
 
     def start(self):
         """The worker's own set-up after the fork."""
@@ -887,9 +905,15 @@ class Worker:
         """One session on an accepted connection."""
         pool, options = self.pool, self.options
         code = 111
-        ip = driver.unmapped(remote[0].encode())
+        begun = False
         try:
             local = conn.getsockname()
+            if options.proxies:
+                addresses = self._proxied(conn, remote, connection_id)
+                if addresses is None:
+                    return
+                local, remote = addresses
+            ip = driver.unmapped(remote[0].encode())
             rule = None
             if options.rules is not None:
                 try:
@@ -910,6 +934,7 @@ class Worker:
                 _send_quietly(conn, replies.TOO_MANY_FROM_ADDRESS)
                 code = 0
                 return
+            begun = True
             if pool.metrics is not None and pool.scoreboard.count(BUSY) >= options.max_connections:
                 pool.metrics.max_connections_reached()
             if options.verbose:
@@ -928,10 +953,29 @@ class Worker:
         finally:
             conn.close()
             # idle before the end line: once it is logged, -C counts this one no more
-            ended = pool.scoreboard.state(self.slot) == BUSY
             pool.scoreboard.set_state(self.slot, IDLE)
-            if options.verbose and ended:
+            if options.verbose and begun:
                 self._report("E %s %d" % (connection_id, code))
+
+    def _proxied(self, conn, remote, connection_id):
+        """--proxy: (local, remote) of the real client, from the PROXY header a
+        trusted balancer sends first; None for any other peer or header (one
+        log line; the connection is closed without a byte).  The slot is busy
+        meanwhile, with no client address for -C to count."""
+        peer = driver.unmapped(remote[0].encode())
+        try:
+            if peer not in self.balancers:
+                address = ipaddress.ip_address(peer.decode())
+                if not any(address in net for net in self.options.proxies):
+                    raise proxy.ProxyError(proxy.UNTRUSTED, "not a balancer of --proxy")
+                self.balancers.add(peer)
+            self.pool.scoreboard.set(self.slot, self.pid, BUSY)
+            header = driver.read_proxy_header(conn.fileno(), self.options.proxy_timeout)
+        except proxy.ProxyError as e:
+            driver.write_quietly(2, ("%s %s %s\n" % (connection_id, word(peer), e.log_text()))
+                                 .encode("utf-8", "backslashreplace"))
+            return None
+        return header.destination, header.source
 
     def _environment(self, local, remote, rule):
         pool, options = self.pool, self.options

@@ -437,6 +437,17 @@ def require_tools(*names):
         pytest.skip(why)
 
 
+def require_program(path, package):
+    """Skip the calling test when the program at path (a Debian package's) is not
+    installed; under CI (CI set) fail instead, as require_tools."""
+    if os.access(path, os.X_OK):
+        return
+    why = "%s is not installed (apt-get install %s; .ci/run does)" % (path, package)
+    if os.environ.get("CI"):
+        pytest.fail(why)
+    pytest.skip(why)
+
+
 def make_cdb(path, keys):
     """Build a djb cdb with the real `cdb -c` (tinycdb): each key with empty data."""
     require_tools("cdb")
@@ -710,3 +721,33 @@ class TcpServers:
     def stop_all(self):
         for p in self.procs:
             self.stop(p)
+
+
+# ------------------------------------------------------------------ PROXY protocol headers
+
+PROXY_V2_SIGNATURE = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_v1(source, destination, protocol=None):
+    """A PROXY v1 line for the (ip, port) pairs (the protocol from the source's family)."""
+    if protocol is None:
+        protocol = "TCP6" if ":" in source[0] else "TCP4"
+    return b"PROXY %s %s %s %d %d\r\n" % (protocol.encode(), source[0].encode(),
+                                          destination[0].encode(), source[1], destination[1])
+
+
+def proxy_v2(source, destination, tlvs=b"", command=0x21, family=None):
+    """A PROXY v2 header for the (ip, port) pairs, with these TLV bytes after the
+    addresses; command and family (0x11 TCP4, 0x21 TCP6: from the source) as given."""
+    import ipaddress
+    import struct
+    src, dst = ipaddress.ip_address(source[0]), ipaddress.ip_address(destination[0])
+    if family is None:
+        family = 0x11 if src.version == 4 else 0x21
+    block = src.packed + dst.packed + struct.pack("!HH", source[1], destination[1]) + tlvs
+    return PROXY_V2_SIGNATURE + bytes([command, family]) + struct.pack("!H", len(block)) + block
+
+
+def tlv(kind, value):
+    """One PROXY v2 TLV."""
+    return bytes([kind]) + len(value).to_bytes(2, "big") + value

@@ -19,22 +19,15 @@ import time
 
 import redis
 
-from helpers import free_port
+from helpers import free_port, require_program
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 START_TIMEOUT = 15.0
 
 
 def require_redis_server():
-    """Skip the calling test when redis-server is missing; under CI (CI set) fail
-    instead, so a missing install step in .ci/run cannot pass silently."""
-    import pytest  # here: bench/redis_plugins.py uses this module without pytest
-    if os.access(REDIS_SERVER, os.X_OK):
-        return
-    why = "redis-server is not installed (apt-get install redis-server; .ci/run does)"
-    if os.environ.get("CI"):
-        pytest.fail(why)
-    pytest.skip(why)
+    """Skip the calling test when redis-server is missing (fail under CI)."""
+    require_program(REDIS_SERVER, "redis-server")
 
 
 class RedisServer:
