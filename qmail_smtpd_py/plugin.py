@@ -164,11 +164,26 @@ def kept(key, make):
     the next of a plugin run in process (a database connection), where its
     globals do not last.  Exec'd, a plugin has one call, so this is just
     make().  A forked process makes its own (what a parent made is not
-    shared with a child)."""
+    shared with a child).  A value with a close method is closed when the
+    server drops what was kept (forget_kept)."""
     entry = _kept.get(key)
     if entry is None or entry[0] != os.getpid():
         entry = _kept[key] = (os.getpid(), make())
     return entry[1]
+
+
+def forget_kept():
+    """Close (their close method) and drop the values kept by this process.
+    The server calls it before it forks a plugin: a SQLite connection, for
+    one, must not be open across a fork, even one the child never uses."""
+    entries = list(_kept.values())
+    _kept.clear()
+    for pid, value in entries:
+        if pid == os.getpid() and hasattr(value, "close"):
+            try:
+                value.close()
+            except Exception:  # noqa: BLE001 - it is being dropped anyway
+                pass
 
 
 def control_lines(name):

@@ -219,6 +219,9 @@ def start(script, argv, env, stdout, stdin_null):
     """Fork a child that runs script as exec would have; returns its pid.
     stdout: the descriptor to be its fd 1; stdin_null: fd 0 is /dev/null
     (an SMTPEXTFORK program) rather than closed (a qmail-spp plugin)."""
+    kit = sys.modules.get("qmail_smtpd_py.plugin")
+    if kit is not None and kit._kept:
+        kit.forget_kept()  # what in-process calls kept is not to be open across a fork
     signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
     try:
         pid = os.fork()
@@ -433,7 +436,6 @@ def _call(script, argv, env, output, time_limit):
                 stream.close()
             except Exception:  # noqa: BLE001
                 pass
-        main.__dict__.clear()  # the script's globals go now, not at some garbage collection
         sys.modules["__main__"] = main_before
         sys.argv, sys.path[0] = argv_before, path0
         sys.stdin, sys.stdout, sys.stderr = streams
@@ -448,7 +450,7 @@ def _call(script, argv, env, output, time_limit):
         for fd, saved in enumerate(saved_fds):
             os.dup2(saved, fd)
             os.close(saved)
-    if status is None or _threads_started() != threads:
+    if status is None or _threads_started() > threads:
         script.in_process = False
         log("preload: %s %s: it runs forked from now on"
             % (script.path, "started a thread" if status is not None

@@ -602,3 +602,17 @@ def test_greylist_in_process_keeps_its_database_until_it_is_replaced(tmp_path):
         w = play("in-process", str(tmp_path), {"r": [sample("greylist")]}, env=env)
         assert w.out.count(b"451 greylisted, please try again later (#4.7.1)") == 2
         assert os.path.exists(tmp_path / "greylist.sqlite3")
+
+
+def test_what_in_process_calls_kept_is_closed_before_a_fork(tmp_path, capfd):
+    """greylist in process keeps its SQLite connection; a forked call of it in the same
+    process then works on the same database (SQLite breaks in a child forked with a
+    connection open: "locking protocol"), because the kept connection is closed first."""
+    env = {**ENV, b"GREYLIST_DB": b"greylist.sqlite3"}
+    from qmail_smtpd_py import plugin
+    for mode in ("in-process", "forked"):
+        w = play(mode, str(tmp_path), {"r": [sample("greylist")]}, env=env)
+        assert w.out.count(b"451 greylisted, please try again later (#4.7.1)") == 2, mode
+        assert any(key[0] == "greylist" for key in plugin._kept) == (mode == "in-process")
+    err = capfd.readouterr().err
+    assert "cannot use" not in err and err.count("greylisted (first seen") == 4, err
