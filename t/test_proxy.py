@@ -316,7 +316,7 @@ def same_address(text, original):
             and text == socket.inet_ntop(family, socket.inet_pton(family, original)))
 
 
-@settings(max_examples=400, deadline=None)  # no timing: the machine is shared
+@settings(max_examples=150, deadline=None)  # no timing: the machine is shared
 @given(valid_headers(), tails)
 def test_built_headers_round_trip_and_leave_what_follows_alone(built, tail):
     data, source, destination = built
@@ -328,7 +328,7 @@ def test_built_headers_round_trip_and_leave_what_follows_alone(built, tail):
         assert got[1] == want[1] and same_address(got[0], want[0])
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(valid_headers())
 def test_every_strict_prefix_is_truncated_and_needed_never_passes_the_header(built):
     data = built[0]
@@ -347,7 +347,7 @@ def parse_outcome(data):
         return e.kind
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.one_of(st.binary(max_size=300),
                  st.binary(max_size=120).map(lambda b: b"PROXY " + b),
                  st.binary(max_size=120).map(lambda b: SIG + b)),
@@ -380,7 +380,7 @@ def mutated_headers(draw):
     return bytes(data)
 
 
-@settings(max_examples=1000, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(mutated_headers(), tails)
 def test_mutated_headers_raise_only_proxy_errors(data, tail):
     outcome = parse_outcome(data + tail)
