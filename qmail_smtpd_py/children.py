@@ -346,8 +346,8 @@ class PluginProcess:
             from . import preload
             try:
                 return preload.call_in_process(script, argv, env, time_limit), Started(os.getpid())
-            except OSError as e:  # no descriptor for its output, or for what it borrows
-                return None, CannotStart(PIPE, e.strerror)
+            except preload.NotStarted:  # no descriptor for what it borrows: a fork may do
+                pass
         try:
             out, child_out = os.pipe()
         except OSError as e:

@@ -34,8 +34,8 @@ script's: it changes nothing of the process for good (no os._exit, threads,
 signal handlers it relies on, atexit, monkey-patched modules) and keeps no
 session's data where the next call would find it (its globals are new at
 each call; modules it imports stay).  What the server can check, it does: a
-script that starts a thread, or that its time limit stopped, runs forked
-from then on.
+script that starts a thread or registers an atexit handler, or that its
+time limit stopped, runs forked from then on.
 
 State a fork copies is handled: the parent prepares scripts, it never runs
 them, so no connection or socket of theirs exists before the child makes
@@ -46,6 +46,7 @@ atexit handlers, and random is reseeded by Python's own at-fork hook.
 import ast
 import atexit
 import builtins
+import fcntl
 import importlib
 import io
 import os
@@ -335,8 +336,11 @@ def _flushed(status):
 # ------------------------------------------------------------------ in process
 
 # What a call in this process saves and puts back (besides the environment,
-# the descriptors 0 and 1, the working directory and the sys attributes).
+# the descriptors 0, 1 and 2, the working directory and the sys attributes).
 KEPT_SIGNALS = (*HANDLED, signal.SIGALRM, signal.SIGPIPE)
+# A call's output is kept in memory: past this it cannot write (EPERM), as a
+# killed plugin's endless output is cut.
+MAX_OUTPUT = 16 << 20
 
 
 class TimeLimit(BaseException):
@@ -345,11 +349,19 @@ class TimeLimit(BaseException):
 
 
 _armed = False  # SIGALRM raises TimeLimit only while a call runs
+_cut_at = None  # the output's size when the time was up (what a kill would leave)
 
 
 def _time_is_up(signo, frame):
+    global _cut_at
     if _armed:
+        if _cut_at is None:
+            _cut_at = os.lseek(1, 0, os.SEEK_CUR)
         raise TimeLimit()
+
+
+class NotStarted(OSError):
+    """An in-process call could not be set up; the script did not run."""
 
 
 class Finished:
@@ -374,42 +386,70 @@ class Finished:
 def call_in_process(script, argv, env, time_limit):
     """Run a qmail-spp plugin script that says RUN_IN_PROCESS = True here,
     without a fork: what exec would give it is set up for the call and put
-    back after it (the environment, argv, sys.path[0], a fresh __main__, fd 0
+    back after it (the environment, argv, sys.path, a fresh __main__, fd 0
     /dev/null, fd 1 a memory file that is then read as the plugin's output,
-    new sys streams, the working directory, the umask, signal handlers).  The
-    time limit is a SIGALRM that raises TimeLimit in the script.  Modules
-    stay imported between calls (what makes a call cheap); a script that
-    starts a thread, or that its time limit cut short (it may have left a
-    module half-way), runs forked from then on in this process.  Returns a
-    Finished."""
-    output = os.memfd_create("plugin-output", os.MFD_CLOEXEC)
+    fd 2, new sys streams, the working directory, the umask, signal handlers
+    and mask).  The time limit is a SIGALRM that raises TimeLimit in the
+    script; then, whatever the script does with it, the call counts as
+    killed at that moment (its later and unflushed output is dropped).  A C
+    call (a blocking look-up, SQLite's busy wait) is only interrupted when it
+    returns.  Modules stay imported between calls (what makes a call cheap);
+    a script that starts a thread or registers an atexit handler, or that
+    its time limit stopped (it may have left a module half-way), runs forked
+    from then on in this process.  Returns a Finished; raises NotStarted
+    when the call cannot be set up (no descriptor left: it did not run)."""
     try:
-        status = _call(script, argv, env, output, time_limit)
-        os.lseek(output, 0, os.SEEK_SET)
-        chunks = []
-        while chunk := os.read(output, 1 << 20):
-            chunks.append(chunk)
+        output = os.memfd_create("plugin-output", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError as e:
+        raise NotStarted(e.errno, e.strerror) from None
+    try:
+        try:
+            os.ftruncate(output, MAX_OUTPUT)  # sparse: pages come with the writes
+            fcntl.fcntl(output, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK)
+        except OSError as e:
+            raise NotStarted(e.errno, e.strerror) from None
+        status, size = _call(script, argv, env, output, time_limit)
+        splitter = children.LineSplitter()
+        lines = []
+        offset = 0
+        while offset < size:
+            chunk = os.pread(output, min(1 << 20, size - offset), offset)
+            if not chunk:
+                break
+            offset += len(chunk)
+            lines += splitter.feed(chunk)
+        lines += splitter.rest()
     finally:
         os.close(output)
-    splitter = children.LineSplitter()
-    lines = splitter.feed(b"".join(chunks)) + splitter.rest()
     return Finished(lines, TIMED_OUT if status is None else Exited(status))
 
 
 def _call(script, argv, env, output, time_limit):
-    """The status of one call (None: cut by its time limit)."""
-    threads = _threads_started()
-    saved_fds = os.dup(0), os.dup(1)
-    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # O_PATH: no read right needed
+    """(the status of one call, None when its time limit stopped it; the
+    size of its output)."""
+    global _cut_at
+    threads, exits = _threads_started(), atexit._ncallbacks()
+    saved_fds = []
+    new_streams = ()
+    try:
+        for fd in (0, 1, 2):
+            saved_fds.append(os.dup(fd))
+        cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)  # O_PATH: needs no read right
+    except OSError as e:
+        for fd in saved_fds:
+            os.close(fd)
+        raise NotStarted(e.errno, e.strerror) from None
     umask = os.umask(0o22)
+    os.umask(umask)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
     environ = dict(os.environb)
     handlers = [(signo, signal.getsignal(signo)) for signo in KEPT_SIGNALS]
     streams = sys.stdin, sys.stdout, sys.stderr
-    argv_before, path0, main_before = sys.argv, sys.path[0], sys.modules.get("__main__")
+    argv_before, path_before, main_before = sys.argv, sys.path[:], sys.modules.get("__main__")
+    excepthook = sys.excepthook
     main = types.ModuleType("__main__")
-    new_streams = ()
+    _cut_at = None
     try:
-        os.umask(umask)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
@@ -428,34 +468,45 @@ def _call(script, argv, env, output, time_limit):
             kit._server_pid = (os.getpid(), os.getpid())  # this process is the server
         signal.signal(signal.SIGALRM, _time_is_up)
         status = _exec_limited(script.code, main.__dict__, time_limit)
-        flushed = _flushed(0 if status is None else status)
-        status = None if status is None else flushed
+        if _cut_at is None:
+            status = _flushed(status)
+        else:  # killed there: what it wrote later, or left in a buffer, is lost
+            status = None
+            new_streams[0].buffer.raw.close()
     finally:
-        for stream in new_streams:  # closefd=False: marks them closed, no late flush into fd 1
+        # fds first: whatever fails after, the server's own are back
+        for fd, saved in enumerate(saved_fds):
+            os.dup2(saved, fd)
+            os.close(saved)
+        for stream in new_streams:  # closefd=False: marks them closed, no late flush
             try:
                 stream.close()
             except Exception:  # noqa: BLE001
                 pass
         sys.modules["__main__"] = main_before
-        sys.argv, sys.path[0] = argv_before, path0
+        sys.argv, sys.excepthook = argv_before, excepthook
+        sys.path[:] = path_before
         sys.stdin, sys.stdout, sys.stderr = streams
         sys.__stdin__, sys.__stdout__, sys.__stderr__ = streams
         for signo, handler in handlers:
             if handler is not None:
                 signal.signal(signo, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _set_environ(dict(os.environb), environ)  # as the script left it
         os.umask(umask)
         os.fchdir(cwd)
         os.close(cwd)
-        for fd, saved in enumerate(saved_fds):
-            os.dup2(saved, fd)
-            os.close(saved)
-    if status is None or _threads_started() > threads:
+    size = os.lseek(output, 0, os.SEEK_CUR) if _cut_at is None else _cut_at
+    why = ("was stopped at its time limit" if status is None
+           else "started a thread" if _threads_started() > threads
+           else "registered an atexit handler" if atexit._ncallbacks() > exits else None)
+    if why is not None:
         script.in_process = False
-        log("preload: %s %s: it runs forked from now on"
-            % (script.path, "started a thread" if status is not None
-               else "was stopped at its time limit"))
-    return status
+        kit = sys.modules.get("qmail_smtpd_py.plugin")
+        if kit is not None:
+            kit.forget_kept()  # it may have been stopped inside what it kept
+        log("preload: %s %s: it runs forked from now on" % (script.path, why))
+    return status, size
 
 
 def _set_environ(now, new):

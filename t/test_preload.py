@@ -572,14 +572,24 @@ def test_the_time_limit_stops_an_in_process_call(tmp_path, capfd):
     assert w.err.count(b"killed after its time limit of 0.3s") == 2
 
 
-def test_a_script_that_starts_a_thread_runs_forked_after(tmp_path, capfd):
-    path = write_script(str(tmp_path), "p", IN_PROCESS + (
-        "import os, threading, time\nthreading.Thread(target=time.sleep, args=(0.2,)).start()\n"
-        "print('HX-Thread: pid %d' % os.getpid())\n"))
-    w = play("in-process", str(tmp_path), {"r": [path]})
-    pids = [int(pid) for pid in re.findall(rb"X-Thread: pid (\d+)\n", w.queued[0].message)]
+@pytest.mark.parametrize("body, why", [
+    ("import threading, time\nthreading.Thread(target=time.sleep, args=(0.2,)).start()\n",
+     "started a thread"),
+    ("import atexit\natexit.register(print, 'HX-Atexit: ran')\n",
+     "registered an atexit handler"),
+], ids=["thread", "atexit"])
+def test_a_script_that_changes_the_process_runs_forked_after(tmp_path, capfd, body, why):
+    path = write_script(str(tmp_path), "p", IN_PROCESS + body
+                        + "import os\nprint('HX-Pid: %d' % os.getpid())\n")
+    try:
+        w = play("in-process", str(tmp_path), {"r": [path]})
+    finally:
+        atexit.unregister(print)  # what the in-process call left in this process
+    pids = [int(pid) for pid in re.findall(rb"X-Pid: (\d+)\n", w.queued[0].message)]
     assert pids[0] == os.getpid() and pids[1] != os.getpid(), pids  # the second call: a fork
-    assert capfd.readouterr().err.count("started a thread: it runs forked from now on") == 1
+    assert capfd.readouterr().err.count(why + ": it runs forked from now on") == 1
+    if why.startswith("registered"):
+        assert w.queued[0].message.count(b"X-Atexit: ran\n") == 1  # the forked call's own
 
 
 def test_without_the_marker_a_script_is_not_run_in_process(tmp_path):
@@ -616,3 +626,38 @@ def test_what_in_process_calls_kept_is_closed_before_a_fork(tmp_path, capfd):
         assert any(key[0] == "greylist" for key in plugin._kept) == (mode == "in-process")
     err = capfd.readouterr().err
     assert "cannot use" not in err and err.count("greylisted (first seen") == 4, err
+
+
+@pytest.mark.parametrize("body", [
+    # unflushed output when the time is up: a killed process loses it
+    "import time\nprint('E451 plugin says no')\ntime.sleep(30)\n",
+    # the limit caught and the script carrying on: killed then, it could not
+    "import time\ntry:\n    time.sleep(30)\nexcept BaseException:\n    pass\n"
+    "print('E451 plugin says no', flush=True)\n",
+], ids=["unflushed", "caught"])
+def test_at_its_time_limit_an_in_process_call_ends_as_a_killed_one(tmp_path, body):
+    path = write_script(str(tmp_path), "p", IN_PROCESS + body)
+    outs = {mode: play(mode, str(tmp_path), {"r": [path]}, spptimeout=0.3).out
+            for mode in ("exec", "in-process")}
+    assert outs["in-process"] == outs["exec"]
+    assert b"plugin says no" not in outs["exec"]
+    assert outs["exec"].count(b"child crashed (#4.3.0)") == 2
+
+
+def test_in_process_calls_leave_sys_path_as_it_was(tmp_path):
+    path = write_script(str(tmp_path), "p", IN_PROCESS
+                        + "import os, sys\nsys.path.insert(0, os.path.dirname(__file__))\n")
+    before = list(sys.path)
+    play("in-process", str(tmp_path), {"r": [path]})
+    assert sys.path == before
+
+
+def test_in_process_output_is_bounded(tmp_path):
+    """Past MAX_OUTPUT a call cannot write (a killed plugin's endless output is cut)."""
+    path = write_script(str(tmp_path), "p", IN_PROCESS + (
+        "import os\nchunk = b'P250-x\\n' * 100000\n"
+        "try:\n    while True:\n        os.write(1, chunk)\n"
+        "except OSError as e:\n    os.write(1, b'HX-Stopped: %s\\n' % e.strerror.encode())\n"))
+    w = play("in-process", str(tmp_path), {"r": [path]}, data=MESSAGE.replace(
+        b"RCPT TO:<v@example.com>\r\n", b""))
+    assert 0 < w.out.count(b"250-x\r\n") <= preload.MAX_OUTPUT // 7
