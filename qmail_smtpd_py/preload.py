@@ -350,13 +350,14 @@ class TimeLimit(BaseException):
 
 _armed = False  # SIGALRM raises TimeLimit only while a call runs
 _cut_at = None  # the output's size when the time was up (what a kill would leave)
+_output = None  # the memory file of the call that runs
 
 
 def _time_is_up(signo, frame):
     global _cut_at
     if _armed:
-        if _cut_at is None:
-            _cut_at = os.lseek(1, 0, os.SEEK_CUR)
+        if _cut_at is None:  # the output's end (fd 1 shares the memory file's offset)
+            _cut_at = os.lseek(_output, 0, os.SEEK_CUR)
         raise TimeLimit()
 
 
@@ -427,7 +428,7 @@ def call_in_process(script, argv, env, time_limit):
 def _call(script, argv, env, output, time_limit):
     """(the status of one call, None when its time limit stopped it; the
     size of its output)."""
-    global _cut_at
+    global _cut_at, _output
     threads, exits = _threads_started(), atexit._ncallbacks()
     saved_fds = []
     new_streams = ()
@@ -448,7 +449,7 @@ def _call(script, argv, env, output, time_limit):
     argv_before, path_before, main_before = sys.argv, sys.path[:], sys.modules.get("__main__")
     excepthook = sys.excepthook
     main = types.ModuleType("__main__")
-    _cut_at = None
+    _cut_at, _output = None, output
     try:
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
