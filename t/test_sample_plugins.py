@@ -12,6 +12,7 @@ proves it was still sleeping.
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 from plugin_world import preloaded, run_home
@@ -128,21 +129,33 @@ def test_tarpit_zero_delay_does_not_sleep_or_log(home):
     assert tarpit_log(res.err) == []
 
 
+def tarpit_call(monkeypatch, **env):
+    """tarpit's main() run here on a session of env, its time.sleep recorded instead of
+    slept: which delay it chooses is behaviour; how long a sleep takes is not."""
+    import runpy
+    import time
+
+    from qmail_smtpd_py import plugin
+    script = runpy.run_path(TARPIT, run_name="tarpit")  # a copy of its globals: main's own
+    slept = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setattr(sys, "argv", [TARPIT])  # the kit's log lines are named after argv[0]
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    script["main"](plugin.Session())
+    return slept
+
+
 @pytest.mark.parametrize("setting,seconds", [("NORMAL", 8), ("medium", 20), ("Hard", 16),
                                              ("2.5", 2.5)])
-def test_tarpit_named_delays_grow_with_the_count(home, setting, seconds):
-    """Three recipients get past tarpit (a plugin before it says N for them), so the
-    fourth sees SMTPRCPTCOUNT=3 over TARPITCOUNT=0: 3 - 0 + 1 = 4 for the formulas.
-    SPPTIMEOUT stops the sleep (the RCPT is then answered 451). No outcome depends on
-    speed: every delay here is longer than the 1 s limit, which starts before the
-    plugin does; what is asserted is the delay the plugin chose (its log line)."""
-    skip = ':case "$SMTPRCPTTO" in skip*) echo N;; esac'
-    configure(home, ("rcpt", [skip, TARPIT]))
-    res = run(home, MAIL, b"RCPT TO:<skip1@example.com>", b"RCPT TO:<skip2@example.com>",
-              b"RCPT TO:<skip3@example.com>", rcpt(1), QUIT,
-              env={"TARPITCOUNT": "0", "TARPITDELAY": setting, "SPPTIMEOUT": "1"})
-    assert res.out == GREETING + OK + OK + OK + OK + crashed(TARPIT) + BYE
-    assert tarpit_log(res.err) == [b"delaying for %g seconds. sender: a@b.c" % seconds]
+def test_tarpit_named_delays_grow_with_the_count(monkeypatch, capfd, setting, seconds):
+    """The fourth RCPT (SMTPRCPTCOUNT=3) over TARPITCOUNT=0: 3 - 0 + 1 = 4 for the
+    formulas, as tarpit.c; the delay chosen is slept and logged."""
+    slept = tarpit_call(monkeypatch, SMTPRCPTCOUNT="3", TARPITCOUNT="0", TARPITDELAY=setting,
+                        SMTPMAILFROM="a@b.c")
+    assert slept == [seconds]
+    assert tarpit_log(capfd.readouterr().err.encode()) == [
+        b"delaying for %g seconds. sender: a@b.c" % seconds]
 
 
 def test_tarpit_bad_TARPITCOUNT_is_logged_and_ignored(home):
@@ -155,19 +168,27 @@ def test_tarpit_bad_TARPITCOUNT_is_logged_and_ignored(home):
 
 
 @pytest.mark.parametrize("setting", ["fast", "-3", "nan", "1e999"])
-def test_tarpit_bad_TARPITDELAY_is_logged_and_random_used(home, setting):
-    """Random is 0..49 s: either no delay (250) or one cut short by SPPTIMEOUT (451);
-    both are accepted, so the test does not depend on the draw or on speed."""
-    configure(home, ("rcpt", [TARPIT]))
-    res = run(home, MAIL, rcpt(1), rcpt(2), QUIT,
-              env={"TARPITCOUNT": "0", "TARPITDELAY": setting, "SPPTIMEOUT": "1"})
-    assert res.out in (GREETING + OK + OK + OK + BYE, GREETING + OK + OK + crashed(TARPIT) + BYE)
-    log = tarpit_log(res.err)
+def test_tarpit_bad_TARPITDELAY_is_logged_and_random_used(monkeypatch, capfd, setting):
+    """Random is 0..49 s, as tarpit.c: no delay at 0, else that one, slept and logged."""
+    slept = tarpit_call(monkeypatch, SMTPRCPTCOUNT="1", TARPITCOUNT="0", TARPITDELAY=setting,
+                        SMTPMAILFROM="a@b.c")
+    log = tarpit_log(capfd.readouterr().err.encode())
     assert log[0] == ("bad TARPITDELAY %r (a number of seconds, NORMAL, MEDIUM, HARD or "
                       "RANDOM); using RANDOM" % setting).encode()
     assert all(re.fullmatch(rb"delaying for ([1-9]|[1-4][0-9]) seconds\. sender: a@b\.c", line)
                for line in log[1:])
-    assert b"Traceback" not in res.err
+    assert slept == [int(n) for n in re.findall(rb"for (\d+) seconds", b"".join(log[1:]))]
+    assert all(0 < n < 50 for n in slept)
+
+
+def test_tarpit_bad_TARPITDELAY_in_a_session_has_no_traceback(home):
+    """The same through the server: the reply is 250 after the random delay, or the
+    451 of a plugin stopped by SPPTIMEOUT, whichever the draw gives."""
+    configure(home, ("rcpt", [TARPIT]))
+    res = run(home, MAIL, rcpt(1), rcpt(2), QUIT,
+              env={"TARPITCOUNT": "0", "TARPITDELAY": "fast", "SPPTIMEOUT": "1"})
+    assert res.out in (GREETING + OK + OK + OK + BYE, GREETING + OK + OK + crashed(TARPIT) + BYE)
+    assert b"bad TARPITDELAY 'fast'" in res.err and b"Traceback" not in res.err
 
 
 def test_tarpit_null_sender_and_no_counts(home):
